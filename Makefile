@@ -1,0 +1,42 @@
+# README command 1: `make run`   README command 2: `make test`
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(abspath $(VENV))/bin
+export PATH := $(BIN):$(PATH)
+UI_PORT ?= 5000
+
+.PHONY: help install run test lint format ui repro clean
+
+help:  ## List the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m pip install -q --disable-pip-version-check uv
+	$(PYTHON) -m uv venv -q --allow-existing -p $(PYTHON) $(VENV)
+	$(PYTHON) -m uv pip install -q -p $(BIN)/python -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed  ## Create .venv and install the package with its dev tools
+
+run: install  ## The main job: ingest, validate, train, evaluate and promote on the full dataset
+	digitflow run
+
+test: install  ## Run the test suite (small slices, real components)
+	pytest
+
+lint: install  ## Ruff lint and format check
+	ruff check src flows tests bench
+	ruff format --check src flows tests bench
+
+format: install  ## Apply ruff's fixes and formatting
+	ruff check --fix src flows tests bench
+	ruff format src flows tests bench
+
+repro: install  ## Rebuild what changed with DVC
+	dvc repro
+
+ui: install  ## Open the MLflow UI on the embedded store (http://127.0.0.1:$(UI_PORT))
+	mlflow ui --backend-store-uri sqlite:///$(abspath mlflow)/mlflow.db --host 127.0.0.1 --port $(UI_PORT)
+
+clean:  ## Remove pipeline outputs (keeps data/, the MLflow store and .venv)
+	rm -rf artifacts reports

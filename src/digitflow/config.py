@@ -1,0 +1,255 @@
+"""The one place that knows params.yaml, project paths and environment defaults."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PARAMS_FILE = "params.yaml"
+SOURCE_ENV = "DIGITFLOW_MNIST_SOURCE"
+ROOT_ENV = "DIGITFLOW_ROOT"
+SPLITS = ("train", "test")
+NUM_CLASSES = 10
+IMAGE_SIZE = 28
+
+
+class ConfigError(ValueError):
+    """params.yaml is missing, unreadable, or holds a bad key or value."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FileSpec(_Strict):
+    name: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class DataFiles(_Strict):
+    train_images: FileSpec
+    train_labels: FileSpec
+    test_images: FileSpec
+    test_labels: FileSpec
+
+
+class DataParams(_Strict):
+    mirrors: list[str] = Field(min_length=1)
+    timeout_s: float = Field(gt=0)
+    files: DataFiles
+    max_train_samples: int | None = Field(default=None, ge=10)
+    max_test_samples: int | None = Field(default=None, ge=10)
+
+
+class ExpectedRows(_Strict):
+    train: int | None = Field(default=None, ge=1)
+    test: int | None = Field(default=None, ge=1)
+
+
+class ValidateParams(_Strict):
+    expected_rows: ExpectedRows
+    class_share_min: float = Field(ge=0, le=1)
+    class_share_max: float = Field(ge=0, le=1)
+    ink_threshold: int = Field(ge=0, le=254)
+    min_ink_fraction: float = Field(ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> ValidateParams:
+        if self.class_share_min > self.class_share_max:
+            raise ValueError("class_share_min must not exceed class_share_max")
+        return self
+
+
+class PreprocessParams(_Strict):
+    val_fraction: float = Field(gt=0, lt=1)
+    seed: int
+
+
+class ModelParams(_Strict):
+    architecture: Literal["seed_cnn", "digit_cnn"]
+    dropout: float = Field(ge=0, lt=1)
+    augment_rotation: float = Field(ge=0, le=0.5)
+    augment_shift: float = Field(ge=0, le=0.5)
+    augment_zoom: float = Field(ge=0, le=0.5)
+
+
+class TrainParams(_Strict):
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    learning_rate: float = Field(gt=0)
+    lr_schedule: Literal["constant", "cosine"]
+    early_stopping_patience: int = Field(ge=1)
+    seed: int
+    deterministic: bool
+
+
+class MlflowParams(_Strict):
+    experiment: str = Field(min_length=1)
+    registered_model: str = Field(min_length=1)
+
+
+class PromotionParams(_Strict):
+    min_accuracy: float = Field(ge=0, le=1)
+    min_delta: float = Field(ge=0, le=1)
+
+
+class Params(_Strict):
+    data: DataParams
+    validate_: ValidateParams = Field(alias="validate")
+    preprocess: PreprocessParams
+    model: ModelParams
+    train: TrainParams
+    mlflow: MlflowParams
+    promotion: PromotionParams
+
+
+def _format_errors(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        value = item.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"  {key}: {item['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def load_params(path: Path | None = None) -> Params:
+    """Read and validate params.yaml; raise ConfigError naming each bad key."""
+    path = path or paths().params
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: file not found") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: invalid parameters\n{_format_errors(exc)}") from exc
+
+
+def find_root(start: Path | None = None) -> Path:
+    """The project root: $DIGITFLOW_ROOT, else the nearest folder above cwd with params.yaml."""
+    if os.environ.get(ROOT_ENV):
+        return Path(os.environ[ROOT_ENV]).resolve()
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / PARAMS_FILE).is_file():
+            return folder
+    return here
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Every file and folder the pipeline reads or writes, relative to one root."""
+
+    root: Path
+
+    @property
+    def params(self) -> Path:
+        return self.root / PARAMS_FILE
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def raw(self) -> Path:
+        return self.data / "mnist"
+
+    @property
+    def data_dvc(self) -> Path:
+        return self.root / "data.dvc"
+
+    @property
+    def artifacts(self) -> Path:
+        return self.root / "artifacts"
+
+    @property
+    def processed(self) -> Path:
+        return self.artifacts / "processed"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.artifacts / "model"
+
+    @property
+    def model_file(self) -> Path:
+        return self.model_dir / "model.keras"
+
+    @property
+    def run_info(self) -> Path:
+        return self.model_dir / "run.json"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def validation_dir(self) -> Path:
+        return self.reports / "validation"
+
+    @property
+    def validation_report(self) -> Path:
+        return self.validation_dir / "report.json"
+
+    @property
+    def train_metrics(self) -> Path:
+        return self.reports / "train_metrics.json"
+
+    @property
+    def history_csv(self) -> Path:
+        return self.reports / "plots" / "history.csv"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.reports / "evaluation"
+
+    @property
+    def eval_metrics(self) -> Path:
+        return self.eval_dir / "metrics.json"
+
+    @property
+    def promotion_report(self) -> Path:
+        return self.reports / "promotion.json"
+
+    @property
+    def mlflow_dir(self) -> Path:
+        return self.root / "mlflow"
+
+    @cached_property
+    def default_tracking_uri(self) -> str:
+        return f"sqlite:///{self.mlflow_dir / 'mlflow.db'}"
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        return self.mlflow_dir / "artifacts"
+
+
+def paths(root: Path | None = None) -> Paths:
+    """Paths under the given root, or under the discovered project root."""
+    return Paths((root or find_root()).resolve())
+
+
+def set_environment_defaults() -> None:
+    """Quiet telemetry and pick fast TensorFlow/Prefect settings, unless the user set them."""
+    defaults = {
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "1",
+        "GX_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+        "TF_ENABLE_ONEDNN_OPTS": "1",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "GIT_PYTHON_REFRESH": "quiet",
+    }
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)

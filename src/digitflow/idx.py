@@ -1,0 +1,81 @@
+"""Reading and writing MNIST's IDX format (gzip-compressed, big-endian header)."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+UBYTE_TYPE = 0x08
+IMAGE_DIMS = 3
+LABEL_DIMS = 1
+
+
+class IdxError(ValueError):
+    """A file is not a valid (gzip-compressed) IDX file of the expected kind."""
+
+
+def _decompress(path: Path) -> bytes:
+    try:
+        with gzip.open(path, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError as exc:
+        raise IdxError(f"{path}: file not found (run `digitflow ingest` first)") from exc
+    except gzip.BadGzipFile as exc:
+        raise IdxError(f"{path.name}: not a gzip file ({exc})") from exc
+    except (EOFError, zlib.error) as exc:
+        raise IdxError(f"{path.name}: truncated or corrupt gzip stream ({exc})") from exc
+
+
+def parse_idx(payload: bytes, name: str, expected_dims: int | None = None) -> np.ndarray:
+    """Parse uncompressed IDX bytes into a uint8 array, checking magic number and size."""
+    if len(payload) < 4:
+        raise IdxError(f"{name}: too short for an IDX header ({len(payload)} bytes)")
+    zero1, zero2, type_code, ndims = payload[:4]
+    if zero1 != 0 or zero2 != 0 or type_code != UBYTE_TYPE or ndims == 0:
+        magic = int.from_bytes(payload[:4], "big")
+        raise IdxError(f"{name}: wrong IDX magic number 0x{magic:08x} (expected unsigned bytes)")
+    if expected_dims is not None and ndims != expected_dims:
+        raise IdxError(f"{name}: has {ndims} dimensions, expected {expected_dims}")
+    header_end = 4 + 4 * ndims
+    if len(payload) < header_end:
+        raise IdxError(f"{name}: header cut short")
+    shape = struct.unpack(f">{ndims}I", payload[4:header_end])
+    expected_bytes = int(np.prod(shape))
+    body = len(payload) - header_end
+    if body != expected_bytes:
+        raise IdxError(
+            f"{name}: header says shape {shape} ({expected_bytes} values) but the file holds {body}"
+        )
+    return np.frombuffer(payload, dtype=np.uint8, offset=header_end).reshape(shape)
+
+
+def read_idx(path: Path, expected_dims: int | None = None) -> np.ndarray:
+    """Read a gzip-compressed IDX file."""
+    return parse_idx(_decompress(path), path.name, expected_dims)
+
+
+def read_images(path: Path) -> np.ndarray:
+    """Read an IDX image file of shape (n, rows, cols)."""
+    return read_idx(path, IMAGE_DIMS)
+
+
+def read_labels(path: Path) -> np.ndarray:
+    """Read an IDX label file of shape (n,)."""
+    return read_idx(path, LABEL_DIMS)
+
+
+def encode_idx(array: np.ndarray) -> bytes:
+    """Encode a uint8 array as uncompressed IDX bytes."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, UBYTE_TYPE, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.tobytes()
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write a uint8 array as a gzip-compressed IDX file (mtime 0, so output is reproducible)."""
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as handle:
+        handle.write(encode_idx(array))

@@ -1,0 +1,221 @@
+"""The Great Expectations gate: suites over the per-image frame, a JSON report and Data Docs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .config import NUM_CLASSES, SPLITS, Params, Paths, ValidateParams
+from .dataset import class_shares, dataset_frame, load_raw
+
+LABELS = list(range(NUM_CLASSES))
+DOCS_SITE = "digitflow_docs"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The result of one expectation."""
+
+    suite: str
+    expectation: str
+    column: str | None
+    success: bool
+    observed: Any
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        where = f" on '{self.column}'" if self.column else ""
+        return f"[{self.suite}] {self.expectation}{where}: observed {self.observed}"
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    """All outcomes of one validation, plus the dataset statistics it saw."""
+
+    outcomes: list[Outcome]
+    stats: dict[str, Any]
+
+    @property
+    def success(self) -> bool:
+        return all(outcome.success for outcome in self.outcomes)
+
+    @property
+    def failures(self) -> list[Outcome]:
+        return [outcome for outcome in self.outcomes if not outcome.success]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "success": self.success,
+            "stats": self.stats,
+            "failed": [o.describe() for o in self.failures],
+            "outcomes": [o.__dict__ for o in self.outcomes],
+        }
+
+
+def split_expectations(split: str, params: ValidateParams) -> list[Any]:
+    """The expectations every split must meet."""
+    import great_expectations.expectations as gxe
+
+    expectations: list[Any] = [
+        gxe.ExpectColumnValuesToNotBeNull(
+            column="label", meta={"means": "every image has a label"}
+        ),
+        gxe.ExpectColumnValuesToNotBeNull(
+            column="pixel_hash", meta={"means": "every label has an image"}
+        ),
+        gxe.ExpectColumnValuesToBeInSet(column="label", value_set=LABELS),
+        gxe.ExpectColumnDistinctValuesToContainSet(column="label", value_set=LABELS),
+        gxe.ExpectColumnValuesToBeBetween(column="pixel_min", min_value=0, max_value=255),
+        gxe.ExpectColumnValuesToBeBetween(column="pixel_max", min_value=0, max_value=255),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="ink_fraction",
+            min_value=params.min_ink_fraction,
+            meta={"means": "no blank image"},
+        ),
+        gxe.ExpectColumnValuesToBeUnique(column="pixel_hash", meta={"means": "no duplicate image"}),
+        gxe.ExpectColumnValuesToBeInSet(
+            column="in_both_splits", value_set=[False], meta={"means": "no train/test leakage"}
+        ),
+    ]
+    expected_rows = getattr(params.expected_rows, split)
+    if expected_rows is not None:
+        expectations.insert(0, gxe.ExpectTableRowCountToEqual(value=expected_rows))
+    return expectations
+
+
+def balance_expectations(params: ValidateParams) -> list[Any]:
+    """Each class's share of its split stays inside the configured bounds."""
+    import great_expectations.expectations as gxe
+
+    return [
+        gxe.ExpectColumnValuesToBeBetween(
+            column="share", min_value=params.class_share_min, max_value=params.class_share_max
+        )
+    ]
+
+
+def _outcomes(suite_name: str, result: Any) -> list[Outcome]:
+    outcomes = []
+    for item in result.results:
+        config = item.expectation_config
+        kwargs = dict(config.kwargs)
+        details = item.result or {}
+        observed = details.get("observed_value")
+        if observed is None and "unexpected_count" in details:
+            observed = (
+                f"{details['unexpected_count']} unexpected rows, "
+                f"e.g. {_jsonable(details.get('partial_unexpected_list', [])[:5])}"
+            )
+        if observed is None and "missing_count" in details:
+            observed = f"missing values {details.get('partial_missing_list', [])}"
+        outcomes.append(
+            Outcome(
+                suite=suite_name,
+                expectation=config.type,
+                column=kwargs.get("column"),
+                success=bool(item.success),
+                observed=_jsonable(observed),
+                details={k: _jsonable(v) for k, v in kwargs.items() if k != "batch_id"},
+            )
+        )
+    return outcomes
+
+
+def _jsonable(value: Any) -> Any:
+    """Turn numpy and pandas values into plain JSON types."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if value is pd.NA or value is None:
+        return None
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, str | int | float | bool):
+        return value
+    return str(value)
+
+
+def run_suites(
+    frame: pd.DataFrame, params: ValidateParams, docs_dir: Path | None
+) -> ValidationReport:
+    """Validate the per-image frame with Great Expectations; optionally build Data Docs."""
+    import great_expectations as gx
+    from great_expectations.checkpoint import UpdateDataDocsAction
+
+    logging.getLogger("great_expectations").setLevel(logging.ERROR)
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    actions = []
+    if docs_dir is not None:
+        context.add_data_docs_site(
+            site_name=DOCS_SITE,
+            site_config={
+                "class_name": "SiteBuilder",
+                "store_backend": {
+                    "class_name": "TupleFilesystemStoreBackend",
+                    "base_directory": str(docs_dir),
+                },
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            },
+        )
+        actions = [UpdateDataDocsAction(name="update_docs", site_names=[DOCS_SITE])]
+    source = context.data_sources.add_pandas("mnist")
+    shares = class_shares(frame)
+    batches = {f"mnist_{split}": frame[frame.split == split] for split in SPLITS}
+    batches["mnist_class_balance"] = shares
+    outcomes: list[Outcome] = []
+    for name, batch_frame in batches.items():
+        expectations = (
+            balance_expectations(params)
+            if name == "mnist_class_balance"
+            else split_expectations(name.removeprefix("mnist_"), params)
+        )
+        suite = context.suites.add(gx.ExpectationSuite(name=name, expectations=expectations))
+        batch_def = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe(name)
+        definition = context.validation_definitions.add(
+            gx.ValidationDefinition(name=name, data=batch_def, suite=suite)
+        )
+        checkpoint = context.checkpoints.add(
+            gx.Checkpoint(name=name, validation_definitions=[definition], actions=actions)
+        )
+        run = checkpoint.run(batch_parameters={"dataframe": batch_frame.reset_index(drop=True)})
+        for result in run.run_results.values():
+            outcomes.extend(_outcomes(name, result))
+    return ValidationReport(outcomes=outcomes, stats=_stats(frame, shares))
+
+
+def _stats(frame: pd.DataFrame, shares: pd.DataFrame) -> dict[str, Any]:
+    counts = frame.groupby("split").size().to_dict()
+    per_class = {
+        split: {int(row.label): int(row["count"]) for _, row in group.iterrows()}
+        for split, group in shares.groupby("split")
+    }
+    return {"rows": {k: int(v) for k, v in counts.items()}, "class_counts": per_class}
+
+
+def write_report(report: ValidationReport, path: Path) -> None:
+    """Write the JSON report (kept on failure too)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+
+
+def validate_data(paths: Paths, params: Params) -> ValidationReport:
+    """The validate stage: data/ -> report.json, class_counts.csv and Data Docs."""
+    raw = load_raw(paths, params.data)
+    frame = dataset_frame(raw, params.validate_.ink_threshold)
+    docs_dir = paths.validation_dir / "data_docs"
+    if docs_dir.exists():
+        shutil.rmtree(docs_dir)
+    report = run_suites(frame, params.validate_, docs_dir)
+    write_report(report, paths.validation_report)
+    class_shares(frame).to_csv(paths.validation_dir / "class_counts.csv", index=False)
+    return report

@@ -1,0 +1,56 @@
+"""DVC: the dataset's version (data.dvc), tracking new data, and the remote."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import Paths
+
+
+def data_hash(paths: Paths) -> str | None:
+    """The md5 that data.dvc records for data/, or None when data.dvc is missing."""
+    if not paths.data_dvc.is_file():
+        return None
+    content = yaml.safe_load(paths.data_dvc.read_text()) or {}
+    outs = content.get("outs") or [{}]
+    return outs[0].get("md5")
+
+
+@contextmanager
+def dvc_repo(root: Path) -> Any:
+    """Open the DVC repository at root (DVC imported lazily: it is slow to import)."""
+    from dvc.repo import Repo
+
+    dvc_logger = logging.getLogger("dvc")
+    level = dvc_logger.level
+    dvc_logger.setLevel(logging.WARNING)  # hide hints such as "git add data.dvc"
+    repo = Repo(str(root))
+    try:
+        yield repo
+    finally:
+        repo.close()
+        dvc_logger.setLevel(level)
+
+
+def track_data(paths: Paths) -> str | None:
+    """`dvc add data`: hash data/, store it in the cache and (re)write data.dvc."""
+    with dvc_repo(paths.root) as repo:
+        repo.add(str(paths.data))
+    return data_hash(paths)
+
+
+def push_data(paths: Paths) -> int:
+    """`dvc push data.dvc` to the default remote; returns the number of files sent."""
+    with dvc_repo(paths.root) as repo:
+        return int(repo.push(targets=[str(paths.data_dvc)]) or 0)
+
+
+def data_status_clean(paths: Paths) -> bool:
+    """True when data/ matches data.dvc (`dvc status data.dvc` reports nothing)."""
+    with dvc_repo(paths.root) as repo:
+        return not repo.status(targets=[str(paths.data_dvc)])

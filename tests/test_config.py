@@ -1,0 +1,63 @@
+"""params.yaml is validated with errors that name the bad key and value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import REPO, run
+
+from digitflow.config import ConfigError, find_root, load_params
+
+
+def test_repository_params_are_valid() -> None:
+    params = load_params(REPO / "params.yaml")
+    assert params.model.architecture in {"seed_cnn", "digit_cnn"}
+    assert params.validate_.expected_rows.train == 60000
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (("val_fraction: 0.2", "val_fraction: 1.5"), "preprocess.val_fraction"),
+        (("architecture: digit_cnn", "architecture: resnet9000"), "model.architecture"),
+        (("epochs: ", "epochs_typo: "), "train.epochs_typo"),
+        (("min_accuracy: 0.97", "min_accuracy: high"), "promotion.min_accuracy"),
+    ],
+)
+def test_bad_value_is_named(tmp_path: Path, edit: tuple[str, str], message: str) -> None:
+    text = (REPO / "params.yaml").read_text()
+    assert edit[0] in text
+    bad = tmp_path / "params.yaml"
+    bad.write_text(text.replace(edit[0], edit[1], 1))
+    with pytest.raises(ConfigError, match=message):
+        load_params(bad)
+
+
+def test_missing_and_broken_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="file not found"):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("data: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_root_is_found_from_a_subfolder(tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text("{}")
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    assert find_root(tmp_path / "a" / "b") == tmp_path.resolve()
+
+
+def test_cli_reports_config_error(tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text(
+        (REPO / "params.yaml").read_text().replace("seed: 42", "seed: x", 1)
+    )
+    result = run(["digitflow", "validate"], tmp_path, check=False)
+    assert result.returncode == 1
+    assert "preprocess.seed" in result.stdout
+
+
+def test_cli_help_lists_stages() -> None:
+    result = run(["digitflow", "--help"], REPO)
+    for command in ("ingest", "validate"):
+        assert command in result.stdout
