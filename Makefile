@@ -12,7 +12,7 @@ help:  ## List the targets
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m pip install -q --disable-pip-version-check uv
-	$(PYTHON) -m uv venv -q --allow-existing -p $(PYTHON) $(VENV)
+	$(PYTHON) -m uv venv -q --seed --allow-existing -p $(PYTHON) $(VENV)
 	$(PYTHON) -m uv pip install -q -p $(BIN)/python -e '.[dev]'
 	touch $@
 
@@ -25,12 +25,12 @@ test: install  ## Run the test suite (small slices, real components)
 	pytest
 
 lint: install  ## Ruff lint and format check
-	ruff check src flows tests bench
-	ruff format --check src flows tests bench
+	ruff check src flows tests
+	ruff format --check src flows tests
 
 format: install  ## Apply ruff's fixes and formatting
-	ruff check --fix src flows tests bench
-	ruff format src flows tests bench
+	ruff check --fix src flows tests
+	ruff format src flows tests
 
 repro: install  ## Rebuild what changed with DVC
 	dvc repro

@@ -13,7 +13,15 @@ import pytest
 from digitflow.config import Params, Paths, load_params, set_environment_defaults
 
 REPO = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ["params.yaml", "dvc.yaml", ".dvcignore", ".gitignore", "data.dvc", ".dvc/config"]
+PROJECT_FILES = [
+    "params.yaml",
+    "dvc.yaml",
+    ".dvcignore",
+    ".gitignore",
+    "data.dvc",
+    ".dvc/config",
+    "flows/pipeline.py",
+]
 
 set_environment_defaults()
 
@@ -85,3 +93,13 @@ def tree_digest(folder: Path) -> dict[str, bytes]:
     if not folder.exists():
         return {}
     return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def load_module(path: Path):
+    """Import a Python file (such as flows/pipeline.py) as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"loaded_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

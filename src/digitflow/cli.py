@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -130,6 +131,194 @@ def validate(root: RootOption = None) -> None:
             console.print(f"  [red]FAILED[/] {escape(outcome.describe())}")
         _fail("the dataset failed validation; training must not use it")
     console.print("[green]validation passed[/]")
+
+
+@app.command()
+def preprocess(root: RootOption = None) -> None:
+    """Scale to [0, 1], add the channel axis, take subsets, split validation off train."""
+    from .preprocess import preprocess as run_preprocess
+
+    project, params = _setup(root)
+    sizes = run_preprocess(project, params)
+    console.print(f"[bold]preprocess[/] {sizes} -> {project.processed}")
+
+
+@app.command()
+def train(root: RootOption = None) -> None:
+    """Train the architecture named in params.yaml and log the run to MLflow."""
+    from .train import TrainingError
+    from .train import train as run_train
+
+    project, params = _setup(root)
+    try:
+        result = run_train(project, params)
+    except TrainingError as exc:
+        _fail(str(exc))
+    console.print(
+        f"[bold]train[/] {params.model.architecture}: best val accuracy "
+        f"{result.best_val_accuracy:.4f} after {result.epochs_run} epochs "
+        f"({result.seconds:.0f} s); MLflow run {result.run_id}"
+    )
+
+
+@app.command()
+def evaluate(root: RootOption = None) -> None:
+    """Score the trained model on the test set; write metrics, plots and the prediction grid."""
+    from .evaluate import evaluate as run_evaluate
+
+    project, params = _setup(root)
+    metrics = run_evaluate(project, params)
+    console.print(
+        f"[bold]evaluate[/] test accuracy {metrics['test_accuracy']:.4f}, "
+        f"loss {metrics['test_loss']:.4f}, {metrics['test_errors']} errors "
+        f"of {metrics['n_test']:,} -> {project.eval_dir}"
+    )
+
+
+@app.command()
+def register(root: RootOption = None) -> None:
+    """Register the trained model as challenger; promote it to champion if it earns it."""
+    from .registry import register as run_register
+
+    project, params = _setup(root)
+    decision = run_register(project, params)
+    verdict = "[green]promoted to champion[/]" if decision.promoted else "[yellow]not promoted[/]"
+    console.print(
+        f"[bold]register[/] version {decision.challenger_version} {verdict}: "
+        f"{escape(decision.reason)}"
+    )
+
+
+@app.command()
+def run(
+    source: Annotated[
+        str | None,
+        typer.Option(help=f"MNIST source for ingest (default: ${SOURCE_ENV}, else the mirrors)."),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Rerun every stage even if nothing changed.")] = False,
+    root: RootOption = None,
+) -> None:
+    """Run the whole pipeline as a Prefect flow (flows/pipeline.py) and print a summary."""
+    project, _ = _setup(root)
+    flow_file = project.root / "flows" / "pipeline.py"
+    module = _load_module(flow_file)
+    started = time.perf_counter()
+    summary = module.mnist_pipeline(
+        root=str(project.root), source=source or os.environ.get(SOURCE_ENV), force=force
+    )
+    elapsed = time.perf_counter() - started
+    _print_summary(summary, elapsed, project)
+
+
+def _load_module(path: Path):
+    import importlib.util
+
+    if not path.is_file():
+        _fail(f"{path}: flow file not found")
+    spec = importlib.util.spec_from_file_location("digitflow_flows_pipeline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _print_summary(summary: dict, elapsed: float, project: Paths) -> None:
+    from .tracking import tracking_uri
+
+    accuracy = summary.get("test_accuracy")
+    console.print()
+    console.print(f"[bold green]pipeline finished[/] in {elapsed:.0f} s")
+    console.print(f"  data.dvc md5      {summary.get('data_hash')}")
+    console.print(
+        f"  stages run        {', '.join(summary.get('stages_run') or []) or 'none (up to date)'}"
+    )
+    console.print(f"  MLflow run id     {summary.get('run_id')}")
+    console.print(
+        f"  test accuracy     {accuracy:.4f}" if accuracy is not None else "  test accuracy     n/a"
+    )
+    console.print(
+        f"  promotion         {summary.get('decision')}: {escape(str(summary.get('reason')))}"
+    )
+    console.print(f"  champion version  {summary.get('champion_version')}")
+    console.print(
+        f"  MLflow UI         make ui  (mlflow ui --backend-store-uri {tracking_uri(project)} --host 127.0.0.1), then http://127.0.0.1:5000"
+    )
+
+
+@app.command()
+def models(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    root: RootOption = None,
+) -> None:
+    """List registered model versions with their aliases, test accuracy and data hash."""
+    from rich.table import Table
+
+    from . import tracking
+    from .registry import list_versions
+
+    project, params = _setup(root)
+    tracking.configure(project, params)
+    rows = list_versions(params.mlflow.registered_model)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"{params.mlflow.registered_model} @ {tracking.tracking_uri(project)}")
+    columns = (
+        "version",
+        "aliases",
+        "test_accuracy",
+        "architecture",
+        "decision",
+        "data_hash",
+        "created",
+    )
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            *(", ".join(row[c]) if c == "aliases" else str(row[c] or "") for c in columns)
+        )
+    console.print(table if rows else "no registered versions yet")
+
+
+@app.command()
+def promote(
+    version: Annotated[str, typer.Argument(help="Model version to make champion.")],
+    reason: Annotated[str, typer.Option(help="Why (kept in the registry's audit tags).")],
+    root: RootOption = None,
+) -> None:
+    """Manual override: point the champion alias at VERSION, logged with a reason."""
+    from . import tracking
+    from .registry import RegistryError
+    from .registry import promote as run_promote
+
+    project, params = _setup(root)
+    tracking.configure(project, params)
+    try:
+        previous = run_promote(params.mlflow.registered_model, version, reason)
+    except RegistryError as exc:
+        _fail(str(exc))
+    console.print(f"champion: {previous or 'none'} -> {version} (manual: {escape(reason)})")
+
+
+@app.command()
+def rollback(
+    reason: Annotated[
+        str, typer.Option(help="Why (kept in the registry's audit tags).")
+    ] = "manual rollback",
+    root: RootOption = None,
+) -> None:
+    """Move the champion alias back to the previous champion."""
+    from . import tracking
+    from .registry import RegistryError
+    from .registry import rollback as run_rollback
+
+    project, params = _setup(root)
+    tracking.configure(project, params)
+    try:
+        before, after = run_rollback(params.mlflow.registered_model, reason)
+    except RegistryError as exc:
+        _fail(str(exc))
+    console.print(f"champion: {before} -> {after} (rollback: {escape(reason)})")
 
 
 def main() -> None:

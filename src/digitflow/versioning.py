@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
+from contextlib import chdir, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,18 +23,19 @@ def data_hash(paths: Paths) -> str | None:
 
 @contextmanager
 def dvc_repo(root: Path) -> Any:
-    """Open the DVC repository at root (DVC imported lazily: it is slow to import)."""
+    """Open the DVC repository at root, working from root (DVC is imported lazily: it is slow)."""
     from dvc.repo import Repo
 
     dvc_logger = logging.getLogger("dvc")
     level = dvc_logger.level
     dvc_logger.setLevel(logging.WARNING)  # hide hints such as "git add data.dvc"
-    repo = Repo(str(root))
-    try:
-        yield repo
-    finally:
-        repo.close()
-        dvc_logger.setLevel(level)
+    with chdir(root):  # DVC resolves stage paths against the working directory
+        repo = Repo(str(root))
+        try:
+            yield repo
+        finally:
+            repo.close()
+            dvc_logger.setLevel(level)
 
 
 def track_data(paths: Paths) -> str | None:

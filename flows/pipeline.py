@@ -1,0 +1,66 @@
+"""The Prefect flow: ingest -> validate -> preprocess -> train -> evaluate -> register.
+
+Thin wiring only. Each stage after ingest is a DVC stage (dvc.yaml) run through DVC, so
+dvc.lock stays current and unchanged stages are skipped, whichever door started the run.
+
+    python flows/pipeline.py            # same as `digitflow run`
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from digitflow.config import load_params, paths, set_environment_defaults
+
+set_environment_defaults()
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+
+from digitflow import ingest as ingestion  # noqa: E402
+from digitflow import pipeline, sources, versioning  # noqa: E402
+
+
+@task(name="ingest", retries=2, retry_delay_seconds=5)
+def ingest_data(root: str, source: str | None) -> str | None:
+    """Fetch and verify MNIST into data/, then record it with DVC; returns the data hash."""
+    logger = get_run_logger()
+    project = paths(Path(root))
+    params = load_params(project.params)
+    mirrors = sources.resolve_sources(source, params.data.mirrors)
+    summary = ingestion.ingest(project, params.data, mirrors)
+    logger.info("data/: %s (%s)", summary.counts, "fetched" if summary.fetched else "already there")
+    if summary.fetched or not versioning.data_status_clean(project):
+        versioning.track_data(project)
+        versioning.push_data(project)
+    return versioning.data_hash(project)
+
+
+@task(name="dvc-stage")
+def run_stage(root: str, stage: str, force: bool = False) -> bool:
+    """Run one DVC stage; returns whether it ran (False: up to date, skipped)."""
+    ran = pipeline.run_stage(paths(Path(root)), stage, force=force)
+    get_run_logger().info("stage %s: %s", stage, "ran" if ran else "up to date, skipped")
+    return ran
+
+
+@flow(name="digitflow-pipeline", log_prints=True)
+def mnist_pipeline(root: str = ".", source: str | None = None, force: bool = False) -> dict:
+    """Ingest, validate, preprocess, train, evaluate and register; returns a summary."""
+    root = str(Path(root).resolve())
+    ingest_data.with_options(task_run_name="ingest")(root, source)
+    ran = []
+    for stage in pipeline.STAGES:
+        if run_stage.with_options(task_run_name=stage)(root, stage, force):
+            ran.append(stage)
+    summary = pipeline.summarise(paths(Path(root)), ran).to_dict()
+    get_run_logger().info("summary: %s", summary)
+    return summary
+
+
+if __name__ == "__main__":
+    import os
+
+    result = mnist_pipeline(root=".", source=os.environ.get("DIGITFLOW_MNIST_SOURCE"))
+    print(result)
+    sys.exit(0)

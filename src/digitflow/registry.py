@@ -1,0 +1,258 @@
+"""The MLflow Model Registry: register, decide promotion, and the manual override and rollback."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from . import tracking
+from .config import Params, Paths, PromotionParams
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+HISTORY_TAG = "champion_history"
+
+
+class RegistryError(RuntimeError):
+    """A registry action could not be done (unknown version, nothing to roll back to...)."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The promotion decision for one challenger, with both scores and the reason."""
+
+    promoted: bool
+    reason: str
+    challenger_version: str
+    challenger_accuracy: float
+    champion_version: str | None
+    champion_accuracy: float | None
+    champion_after: str | None
+
+    def tags(self) -> dict[str, str]:
+        return {
+            "promotion.decision": "promoted" if self.promoted else "rejected",
+            "promotion.reason": self.reason,
+            "promotion.challenger_accuracy": f"{self.challenger_accuracy:.6f}",
+            "promotion.champion_accuracy": _fmt(self.champion_accuracy),
+            "promotion.champion_version": self.champion_version or "none",
+        }
+
+
+def _fmt(value: float | None) -> str:
+    return "none" if value is None else f"{value:.6f}"
+
+
+def decide(
+    challenger_accuracy: float, champion_accuracy: float | None, policy: PromotionParams
+) -> tuple[bool, str]:
+    """The promotion policy: clear the gate, then beat the champion by at least min_delta."""
+    if challenger_accuracy < policy.min_accuracy:
+        return False, (
+            f"test accuracy {challenger_accuracy:.4f} is below the gate "
+            f"promotion.min_accuracy={policy.min_accuracy:.4f}"
+        )
+    if champion_accuracy is None:
+        return True, f"first version to clear the gate ({challenger_accuracy:.4f})"
+    gain = challenger_accuracy - champion_accuracy
+    if gain + 1e-12 >= policy.min_delta:
+        return True, (
+            f"beats the champion by {gain:+.4f} ({challenger_accuracy:.4f} vs "
+            f"{champion_accuracy:.4f}; min_delta {policy.min_delta:.4f})"
+        )
+    return False, (
+        f"does not beat the champion by min_delta {policy.min_delta:.4f} "
+        f"({challenger_accuracy:.4f} vs {champion_accuracy:.4f}, {gain:+.4f})"
+    )
+
+
+def _client() -> Any:
+    import mlflow
+
+    return mlflow.MlflowClient()
+
+
+def alias_version(name: str, alias: str) -> str | None:
+    """The version an alias points at, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(_client().get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def champion_history(name: str) -> list[str]:
+    """Versions that have been champion, oldest first (kept as a registered-model tag)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        tags = _client().get_registered_model(name).tags
+    except MlflowException:
+        return []
+    return json.loads(tags.get(HISTORY_TAG, "[]"))
+
+
+def _pushed(history: list[str], version: str) -> list[str]:
+    """History with version appended, unless it is already the latest entry."""
+    return history if history and history[-1] == version else [*history, version]
+
+
+def _set_champion(name: str, version: str, history: list[str]) -> None:
+    client = _client()
+    client.set_registered_model_alias(name, CHAMPION, version)
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+
+
+def _audit(name: str, action: str, **details: str) -> None:
+    """Record a registry action as a registered-model tag (visible in the MLflow UI)."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{time.time_ns() % 10**9:09d}Z"
+    _client().set_registered_model_tag(
+        name, f"audit.{stamp}", json.dumps({"action": action, **details})
+    )
+
+
+def score_version(paths: Paths, name: str, version: str) -> float:
+    """Test accuracy of a registered version on the current processed test set."""
+    import mlflow
+
+    from .evaluate import score
+    from .preprocess import load_split
+
+    model = mlflow.keras.load_model(f"models:/{name}/{version}")
+    return score(model, load_split(paths, "test")).accuracy
+
+
+def register(paths: Paths, params: Params) -> Decision:
+    """The register stage: new version -> challenger; promote it if the policy says so."""
+    import mlflow
+
+    tracking.configure(paths, params)
+    info = tracking.read_run_info(paths)
+    metrics = json.loads(paths.eval_metrics.read_text())
+    name = params.mlflow.registered_model
+    client = _client()
+    run = client.get_run(info["run_id"])
+    version = _version_of_run(name, info["run_id"])
+    if version is None:
+        tags = _version_tags(run, metrics)
+        version = str(mlflow.register_model(info["model_uri"], name, tags=tags).version)
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    champion = alias_version(name, CHAMPION)
+    champion_accuracy = score_version(paths, name, champion) if champion else None
+    if champion == version:
+        promoted, reason = False, f"version {version} is already the champion"
+    else:
+        promoted, reason = decide(metrics["test_accuracy"], champion_accuracy, params.promotion)
+    if promoted:
+        _set_champion(name, version, _pushed(champion_history(name), version))
+        _audit(name, "auto-promote", version=version, reason=reason)
+    decision = Decision(
+        promoted=promoted,
+        reason=reason,
+        challenger_version=version,
+        challenger_accuracy=metrics["test_accuracy"],
+        champion_version=champion,
+        champion_accuracy=champion_accuracy,
+        champion_after=version if promoted else champion,
+    )
+    for key, value in decision.tags().items():
+        client.set_tag(info["run_id"], key, value)
+        client.set_model_version_tag(name, version, key, value)
+    _write_report(paths, decision, name, info["run_id"])
+    return decision
+
+
+def _version_of_run(name: str, run_id: str) -> str | None:
+    """The version already registered from this run (re-running the stage reuses it)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = _client().search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    except MlflowException:
+        return None
+    return str(max(int(v.version) for v in found)) if found else None
+
+
+def _version_tags(run: Any, metrics: dict) -> dict[str, str]:
+    return {
+        "test_accuracy": f"{metrics['test_accuracy']:.6f}",
+        tracking.TAG_DATA_HASH: run.data.tags.get(tracking.TAG_DATA_HASH, "unknown"),
+        tracking.TAG_ARCHITECTURE: run.data.tags.get(tracking.TAG_ARCHITECTURE, "unknown"),
+        tracking.TAG_COMMIT: run.data.tags.get(tracking.TAG_COMMIT, "unknown"),
+    }
+
+
+def _write_report(paths: Paths, decision: Decision, name: str, run_id: str) -> None:
+    report = {"registered_model": name, "run_id": run_id, **asdict(decision)}
+    paths.promotion_report.parent.mkdir(parents=True, exist_ok=True)
+    paths.promotion_report.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def list_versions(name: str) -> list[dict[str, Any]]:
+    """Every version with its aliases, test accuracy, data hash and promotion decision."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client()
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+        alias_map = client.get_registered_model(name).aliases  # search results omit aliases
+    except MlflowException:
+        return []
+    aliases_of: dict[str, list[str]] = {}
+    for alias, aliased in alias_map.items():
+        aliases_of.setdefault(str(aliased), []).append(alias)
+    rows = []
+    for mv in sorted(versions, key=lambda v: int(v.version)):
+        rows.append(
+            {
+                "version": str(mv.version),
+                "aliases": sorted(aliases_of.get(str(mv.version), [])),
+                "test_accuracy": mv.tags.get("test_accuracy"),
+                "data_hash": mv.tags.get(tracking.TAG_DATA_HASH),
+                "architecture": mv.tags.get(tracking.TAG_ARCHITECTURE),
+                "decision": mv.tags.get("promotion.decision"),
+                "run_id": mv.run_id,
+                "created": time.strftime(
+                    "%Y-%m-%d %H:%M", time.localtime(mv.creation_timestamp / 1000)
+                ),
+            }
+        )
+    return rows
+
+
+def promote(name: str, version: str, reason: str) -> str | None:
+    """Manual override: make `version` champion; returns the previous champion."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client()
+    try:
+        client.get_model_version(name, version)
+    except MlflowException as exc:
+        raise RegistryError(f"{name} has no version {version}") from exc
+    previous = alias_version(name, CHAMPION)
+    _set_champion(name, version, _pushed(champion_history(name), version))
+    client.set_model_version_tag(name, version, "manual_promotion.reason", reason)
+    _audit(name, "manual-promote", version=version, previous=previous or "none", reason=reason)
+    return previous
+
+
+def rollback(name: str, reason: str) -> tuple[str, str]:
+    """Move champion back to the previous champion; returns (from_version, to_version)."""
+    history = champion_history(name)
+    current = alias_version(name, CHAMPION)
+    if current is None:
+        raise RegistryError(f"{name} has no champion to roll back")
+    if history and history[-1] == current:
+        history = history[:-1]
+    if not history:
+        raise RegistryError(
+            f"{name}: version {current} is the first champion; nothing to roll back to"
+        )
+    target = history[-1]
+    _set_champion(name, target, history)
+    _client().set_model_version_tag(name, current, "rolled_back.reason", reason)
+    _audit(name, "rollback", version=target, previous=current, reason=reason)
+    return current, target

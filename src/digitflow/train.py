@@ -1,0 +1,175 @@
+"""The train stage: fit the configured CNN, log everything to one MLflow run, save the model."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+import pandas as pd
+
+from . import plots, tracking
+from .config import NUM_CLASSES, Params, Paths, TrainParams
+from .model import build_model
+from .preprocess import load_split
+
+
+class TrainingError(RuntimeError):
+    """Training could not produce a usable model."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_id: str
+    model_uri: str
+    best_val_accuracy: float
+    epochs_run: int
+    seconds: float
+
+
+class MlflowEpochLogger(keras.callbacks.Callback):
+    """Logs every epoch's metrics to one MLflow run, by id (no reliance on the active run)."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__()
+        self.run_id = run_id
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        import mlflow
+
+        metrics = {k: float(v) for k, v in (logs or {}).items() if np.isfinite(v)}
+        metrics["learning_rate"] = float(
+            keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
+        )
+        mlflow.MlflowClient().log_batch(
+            self.run_id,
+            metrics=[
+                mlflow.entities.Metric(k, v, int(time.time() * 1000), epoch + 1)
+                for k, v in metrics.items()
+            ],
+        )
+
+
+def seed_everything(train: TrainParams) -> None:
+    """Seed Python, NumPy and TensorFlow; make ops deterministic when asked."""
+    keras.utils.set_random_seed(train.seed)
+    if train.deterministic:
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+
+
+def optimizer(train: TrainParams, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    """Adam with a constant or cosine-decayed learning rate."""
+    rate: float | keras.optimizers.schedules.LearningRateSchedule = train.learning_rate
+    if train.lr_schedule == "cosine":
+        rate = keras.optimizers.schedules.CosineDecay(
+            train.learning_rate, decay_steps=train.epochs * steps_per_epoch, alpha=0.01
+        )
+    return keras.optimizers.Adam(learning_rate=rate)
+
+
+def one_hot(labels: np.ndarray) -> np.ndarray:
+    return keras.utils.to_categorical(labels, NUM_CLASSES)
+
+
+def _history_frame(history: keras.callbacks.History) -> pd.DataFrame:
+    frame = pd.DataFrame(history.history)
+    frame.insert(0, "epoch", np.arange(1, len(frame) + 1))
+    return frame
+
+
+def _log_model(model: keras.Model, sample: np.ndarray) -> str:
+    import tensorflow as tf
+    from mlflow.models import infer_signature
+
+    import mlflow
+
+    signature = infer_signature(sample, model.predict(sample, verbose=0))
+    requirements = [
+        f"tensorflow-cpu=={tf.__version__}",
+        f"keras=={keras.__version__}",
+        f"mlflow=={mlflow.__version__}",
+    ]
+    info = mlflow.keras.log_model(
+        model, name="model", signature=signature, pip_requirements=requirements
+    )
+    return info.model_uri
+
+
+def train(paths: Paths, params: Params) -> TrainResult:
+    """processed arrays -> model.keras, history, curves, and an MLflow run holding them all."""
+    import mlflow
+
+    paths.run_info.unlink(missing_ok=True)  # never leave a stale run id for later stages
+    experiment_id = tracking.configure(paths, params)
+    fit, val = load_split(paths, "train"), load_split(paths, "val")
+    settings = params.train
+    seed_everything(settings)
+    model = build_model(params.model)
+    steps = math.ceil(len(fit.y) / settings.batch_size)
+    model.compile(
+        optimizer=optimizer(settings, steps), loss="categorical_crossentropy", metrics=["accuracy"]
+    )
+    started = time.perf_counter()
+    run_name = f"{params.model.architecture}-{time.strftime('%Y%m%d-%H%M%S')}"
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
+        run_id = run.info.run_id
+        mlflow.set_tags(tracking.run_tags(paths, params))
+        mlflow.log_params(tracking.flat_params(params))
+        mlflow.log_params({"data.n_train": len(fit.y), "data.n_val": len(val.y)})
+        if paths.validation_report.is_file():
+            mlflow.log_artifact(str(paths.validation_report), artifact_path="validation")
+        print(f"MLflow run {run_id}: training {params.model.architecture} on {len(fit.y):,} images")
+        history = model.fit(
+            fit.x,
+            one_hot(fit.y),
+            batch_size=settings.batch_size,
+            epochs=settings.epochs,
+            validation_data=(val.x, one_hot(val.y)),
+            callbacks=[
+                keras.callbacks.TerminateOnNaN(),
+                keras.callbacks.EarlyStopping(
+                    monitor="val_loss",
+                    patience=settings.early_stopping_patience,
+                    restore_best_weights=True,
+                ),
+                MlflowEpochLogger(run_id),
+            ],
+            verbose=2,
+        )
+        frame = _history_frame(history)
+        if not np.isfinite(frame["loss"]).all():
+            raise TrainingError("the training loss became NaN; no model was saved or registered")
+        seconds = time.perf_counter() - started
+        paths.model_dir.mkdir(parents=True, exist_ok=True)
+        model.save(paths.model_file)
+        model_uri = _log_model(model, val.x[:2])
+        best_epoch = int(frame["val_loss"].idxmin())
+        metrics = {
+            "best_epoch": best_epoch + 1,
+            "epochs_run": len(frame),
+            "best_val_accuracy": float(frame["val_accuracy"][best_epoch]),
+            "best_val_loss": float(frame["val_loss"][best_epoch]),
+            "train_seconds": round(seconds, 2),
+        }
+        mlflow.log_metrics(metrics)
+        _write_outputs(paths, frame, metrics)
+        mlflow.log_artifact(str(paths.history_csv), artifact_path="training")
+        mlflow.log_artifact(
+            str(paths.reports / "plots" / "training_curves.png"), artifact_path="training"
+        )
+        tracking.write_run_info(
+            paths, {"run_id": run_id, "experiment_id": experiment_id, "model_uri": model_uri}
+        )
+    return TrainResult(run_id, model_uri, metrics["best_val_accuracy"], len(frame), seconds)
+
+
+def _write_outputs(paths: Paths, frame: pd.DataFrame, metrics: dict) -> None:
+    paths.history_csv.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(paths.history_csv, index=False, float_format="%.6f")
+    plots.training_curves(frame, paths.reports / "plots" / "training_curves.png")
+    paths.train_metrics.write_text(json.dumps(metrics, indent=2) + "\n")
