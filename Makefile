@@ -1,6 +1,7 @@
 # README command 1: `make run`   README command 2: `make test`
 VENV ?= .venv
 PYTHON ?= python3
+HOST_PYTHON := $(shell command -v $(PYTHON))
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 UI_PORT ?= 5000
@@ -11,9 +12,9 @@ help:  ## List the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
 
 $(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m pip install -q --disable-pip-version-check uv
-	$(PYTHON) -m uv venv -q --seed --allow-existing -p $(PYTHON) $(VENV)
-	$(PYTHON) -m uv pip install -q -p $(BIN)/python -e '.[dev]'
+	$(HOST_PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check uv
+	$(BIN)/uv pip install -q -p $(BIN)/python -e '.[dev]'
 	touch $@
 
 install: $(VENV)/.installed  ## Create .venv and install the package with its dev tools
