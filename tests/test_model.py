@@ -1,0 +1,108 @@
+"""Model-behaviour tests: the tutorial architecture exactly, determinism, and the split."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from digitflow.config import ModelParams, Paths, TrainParams
+from digitflow.preprocess import load_split, preprocess, stratified_subset
+
+TUTORIAL_LAYERS = [
+    ("Conv2D", 320),
+    ("MaxPooling2D", 0),
+    ("Conv2D", 18496),
+    ("MaxPooling2D", 0),
+    ("Flatten", 0),
+    ("Dense", 204928),
+    ("Dense", 1290),
+]
+
+
+def test_seed_cnn_is_the_tutorial_model(params) -> None:
+    from digitflow.model import build_model
+
+    model = build_model(params.model.model_copy(update={"architecture": "seed_cnn"}))
+    layers = [(type(layer).__name__, layer.count_params()) for layer in model.layers]
+    assert layers == TUTORIAL_LAYERS
+    assert model.count_params() == 225_034
+    assert model.layers[0].kernel_size == (3, 3) and model.layers[0].activation.__name__ == "relu"
+    assert model.layers[-1].activation.__name__ == "softmax"
+
+
+def test_default_architecture_is_stronger_and_augments(params) -> None:
+    from digitflow.model import build_model
+
+    model = build_model(params.model)
+    names = [type(layer).__name__ for layer in model.layers]
+    assert params.model.architecture == "digit_cnn"
+    assert {"BatchNormalization", "Dropout", "RandomRotation", "RandomTranslation"} <= set(names)
+    assert names.count("Conv2D") == 3
+
+
+def _fit_once(train: TrainParams, model_params: ModelParams, x: np.ndarray, y: np.ndarray) -> list:
+    from digitflow.model import build_model
+    from digitflow.train import one_hot, optimizer, seed_everything
+
+    seed_everything(train)
+    model = build_model(model_params)
+    model.compile(optimizer=optimizer(train, 4), loss="categorical_crossentropy")
+    history = model.fit(x, one_hot(y), batch_size=train.batch_size, epochs=2, verbose=0)
+    return history.history["loss"]
+
+
+def test_training_is_deterministic_when_asked(params) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.random((256, 28, 28, 1), dtype=np.float32)
+    y = rng.integers(0, 10, 256)
+    train = params.train.model_copy(update={"deterministic": True, "batch_size": 64})
+    first = _fit_once(train, params.model, x, y)
+    second = _fit_once(train, params.model, x, y)
+    assert first == second
+    other_seed = _fit_once(train.model_copy(update={"seed": 7}), params.model, x, y)
+    assert other_seed != first
+
+
+def test_stratified_subset_keeps_class_balance() -> None:
+    labels = np.repeat(np.arange(10), [500, 600, 500, 500, 500, 400, 500, 500, 500, 500])
+    picked = stratified_subset(labels, 1000, seed=1)
+    counts = np.bincount(labels[picked], minlength=10)
+    assert len(picked) == 1000 and len(set(picked)) == 1000
+    assert counts.tolist() == [100, 120, 100, 100, 100, 80, 100, 100, 100, 100]
+    assert stratified_subset(labels, None, seed=1).tolist() == list(range(len(labels)))
+
+
+def test_preprocess_never_takes_validation_from_test(tmp_path, ingested: Paths, params) -> None:
+    from conftest import make_project
+
+    project = make_project(tmp_path / "p", with_git=False)
+    project.data.mkdir()
+    (project.raw).symlink_to(ingested.raw)
+    subset = params.data.model_copy(update={"max_train_samples": 1000, "max_test_samples": 200})
+    sizes = preprocess(project, params.model_copy(update={"data": subset}))
+    assert sizes == {"train": 800, "val": 200, "test": 200}
+    splits = {name: load_split(project, name) for name in ("train", "val", "test")}
+    assert splits["train"].x.shape == (800, 28, 28, 1) and splits["train"].x.dtype == np.float32
+    assert splits["train"].x.min() >= 0.0 and splits["train"].x.max() <= 1.0
+    flat = {name: {row.tobytes() for row in s.x} for name, s in splits.items()}
+    assert not flat["val"] & flat["test"] and not flat["train"] & flat["test"]
+    assert not flat["train"] & flat["val"]
+    assert np.bincount(splits["val"].y, minlength=10).min() >= 15
+
+
+@pytest.mark.parametrize(
+    ("challenger", "champion", "expected"),
+    [
+        (0.95, None, False),
+        (0.98, None, True),
+        (0.990, 0.9899, False),
+        (0.9906, 0.9900, True),
+        (0.9800, 0.9900, False),
+    ],
+)
+def test_promotion_policy(params, challenger, champion, expected) -> None:
+    from digitflow.registry import decide
+
+    policy = params.promotion.model_copy(update={"min_accuracy": 0.97, "min_delta": 0.0005})
+    promoted, reason = decide(challenger, champion, policy)
+    assert promoted is expected and reason
