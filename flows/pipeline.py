@@ -18,7 +18,7 @@ set_environment_defaults()
 from prefect import flow, get_run_logger, task  # noqa: E402
 
 from digitflow import ingest as ingestion  # noqa: E402
-from digitflow import pipeline, sources, versioning  # noqa: E402
+from digitflow import locking, pipeline, sources, validation, versioning  # noqa: E402
 
 
 @task(name="ingest", retries=2, retry_delay_seconds=5)
@@ -28,7 +28,7 @@ def ingest_data(root: str, source: str | None) -> str | None:
     project = paths(Path(root))
     params = load_params(project.params)
     mirrors = sources.resolve_sources(source, params.data.mirrors)
-    summary = ingestion.ingest(project, params.data, mirrors)
+    summary = ingestion.ingest(project, params.data, mirrors, gate=validation.staged_gate(params))
     logger.info("data/: %s (%s)", summary.counts, "fetched" if summary.fetched else "already there")
     if summary.fetched or not versioning.data_status_clean(project):
         versioning.track_data(project)
@@ -45,16 +45,27 @@ def run_stage(root: str, stage: str, force: bool = False) -> bool:
 
 
 @flow(name="digitflow-pipeline", log_prints=True)
-def mnist_pipeline(root: str = ".", source: str | None = None, force: bool = False) -> dict:
-    """Ingest, validate, preprocess, train, evaluate and register; returns a summary."""
+def mnist_pipeline(
+    root: str = ".", source: str | None = None, force: bool = False, wait: bool = True
+) -> dict:
+    """Ingest, validate, preprocess, train, evaluate and register; returns a summary.
+
+    One run at a time per project: a second run waits for the first (or, with wait=False,
+    is skipped with a message)."""
     root = str(Path(root).resolve())
-    ingest_data.with_options(task_run_name="ingest")(root, source)
-    ran = []
-    for stage in pipeline.STAGES:
-        if run_stage.with_options(task_run_name=stage)(root, stage, force):
-            ran.append(stage)
-    summary = pipeline.summarise(paths(Path(root)), ran).to_dict()
-    get_run_logger().info("summary: %s", summary)
+    logger = get_run_logger()
+    try:
+        with locking.pipeline_lock(Path(root), wait_s=None if wait else 0):
+            ingest_data.with_options(task_run_name="ingest")(root, source)
+            ran = []
+            for stage in pipeline.STAGES:
+                if run_stage.with_options(task_run_name=stage)(root, stage, force):
+                    ran.append(stage)
+            summary = pipeline.summarise(paths(Path(root)), ran).to_dict()
+    except locking.PipelineBusy as busy:
+        logger.warning("skipped: %s", busy)
+        return pipeline.skipped(str(busy)).to_dict()
+    logger.info("summary: %s", summary)
     return summary
 
 

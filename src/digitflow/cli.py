@@ -50,6 +50,13 @@ def _setup(root: Path | None) -> tuple[Paths, Params]:
         _fail(str(exc))
 
 
+def _tracking_guard(project: Paths):
+    """Report an unreachable MLflow server as one clear error (after MLflow's retries)."""
+    from .tracking import tracking_uri, unavailable_as_error
+
+    return unavailable_as_error(tracking_uri(project))
+
+
 def _fail(message: str, code: int = 1) -> None:
     console.print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(code)
@@ -79,6 +86,7 @@ def ingest(
     from .ingest import IngestError
     from .ingest import ingest as run_ingest
     from .sources import resolve_sources
+    from .validation import staged_gate
     from .versioning import data_hash, push_data, track_data
 
     project, params = _setup(root)
@@ -89,7 +97,9 @@ def ingest(
 
     try:
         with download_progress() as progress_for:
-            summary = run_ingest(project, params.data, sources, force, progress_for)
+            summary = run_ingest(
+                project, params.data, sources, force, progress_for, gate=staged_gate(params)
+            )
     except (IngestError, IdxError) as exc:
         _fail(f"{exc}\ndata/ was left unchanged.")
     committed = data_hash(project)
@@ -146,13 +156,15 @@ def preprocess(root: RootOption = None) -> None:
 @app.command()
 def train(root: RootOption = None) -> None:
     """Train the architecture named in params.yaml and log the run to MLflow."""
+    from .tracking import TrackingError
     from .train import TrainingError
     from .train import train as run_train
 
     project, params = _setup(root)
     try:
-        result = run_train(project, params)
-    except TrainingError as exc:
+        with _tracking_guard(project):
+            result = run_train(project, params)
+    except (TrainingError, TrackingError) as exc:
         _fail(str(exc))
     console.print(
         f"[bold]train[/] {params.model.architecture}: best val accuracy "
@@ -165,9 +177,14 @@ def train(root: RootOption = None) -> None:
 def evaluate(root: RootOption = None) -> None:
     """Score the trained model on the test set; write metrics, plots and the prediction grid."""
     from .evaluate import evaluate as run_evaluate
+    from .tracking import TrackingError
 
     project, params = _setup(root)
-    metrics = run_evaluate(project, params)
+    try:
+        with _tracking_guard(project):
+            metrics = run_evaluate(project, params)
+    except TrackingError as exc:
+        _fail(str(exc))
     console.print(
         f"[bold]evaluate[/] test accuracy {metrics['test_accuracy']:.4f}, "
         f"loss {metrics['test_loss']:.4f}, {metrics['test_errors']} errors "
@@ -179,9 +196,14 @@ def evaluate(root: RootOption = None) -> None:
 def register(root: RootOption = None) -> None:
     """Register the trained model as challenger; promote it to champion if it earns it."""
     from .registry import register as run_register
+    from .tracking import TrackingError
 
     project, params = _setup(root)
-    decision = run_register(project, params)
+    try:
+        with _tracking_guard(project):
+            decision = run_register(project, params)
+    except TrackingError as exc:
+        _fail(f"{exc}; the registry was not changed")
     verdict = "[green]promoted to champion[/]" if decision.promoted else "[yellow]not promoted[/]"
     console.print(
         f"[bold]register[/] version {decision.challenger_version} {verdict}: "
@@ -196,6 +218,10 @@ def run(
         typer.Option(help=f"MNIST source for ingest (default: ${SOURCE_ENV}, else the mirrors)."),
     ] = None,
     force: Annotated[bool, typer.Option(help="Rerun every stage even if nothing changed.")] = False,
+    wait: Annotated[
+        bool,
+        typer.Option(help="If another run is in progress, wait for it (--no-wait: skip this run)."),
+    ] = True,
     root: RootOption = None,
 ) -> None:
     """Run the whole pipeline as a Prefect flow (flows/pipeline.py) and print a summary."""
@@ -203,10 +229,20 @@ def run(
     flow_file = project.root / "flows" / "pipeline.py"
     module = _load_module(flow_file)
     started = time.perf_counter()
-    summary = module.mnist_pipeline(
-        root=str(project.root), source=source or os.environ.get(SOURCE_ENV), force=force
+    state = module.mnist_pipeline(
+        root=str(project.root),
+        source=source or os.environ.get(SOURCE_ENV),
+        force=force,
+        wait=wait,
+        return_state=True,
     )
     elapsed = time.perf_counter() - started
+    if not state.is_completed():
+        _fail(f"the pipeline flow ended {state.name}: {state.message or ''}".strip())
+    summary = state.result()
+    if summary.get("skipped"):
+        console.print(f"[yellow]skipped:[/] {escape(summary['skipped'])}")
+        return
     _print_summary(summary, elapsed, project)
 
 

@@ -92,6 +92,9 @@ class TrainParams(_Strict):
 class MlflowParams(_Strict):
     experiment: str = Field(min_length=1)
     registered_model: str = Field(min_length=1)
+    http_retries: int = Field(ge=0, le=20)
+    http_backoff_s: int = Field(ge=0)  # MLflow takes a whole number
+    http_timeout_s: float = Field(gt=0)
 
 
 class PromotionParams(_Strict):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -20,16 +21,24 @@ class Split:
     labels: np.ndarray
 
 
+def split_files(params: DataParams, split: str) -> tuple[str, str]:
+    """The image and label archive names of one split."""
+    files = params.files
+    return getattr(files, f"{split}_images").name, getattr(files, f"{split}_labels").name
+
+
+def load_folder(folder: Path, params: DataParams) -> dict[str, Split]:
+    """Read both splits from a folder holding the four archives."""
+    splits = {}
+    for split in SPLITS:
+        images, labels = split_files(params, split)
+        splits[split] = Split(read_images(folder / images), read_labels(folder / labels))
+    return splits
+
+
 def load_raw(paths: Paths, params: DataParams) -> dict[str, Split]:
     """Read both splits from data/ without changing anything."""
-    files = params.files
-    return {
-        split: Split(
-            images=read_images(paths.raw / getattr(files, f"{split}_images").name),
-            labels=read_labels(paths.raw / getattr(files, f"{split}_labels").name),
-        )
-        for split in SPLITS
-    }
+    return load_folder(paths.raw, params)
 
 
 def pixel_hashes(images: np.ndarray) -> list[str]:

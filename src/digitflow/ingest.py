@@ -30,6 +30,8 @@ class IngestSummary:
 
 
 ProgressFactory = Callable[[str], ProgressHook | None]
+Gate = Callable[[Path], list[str]]
+"""Checks a staged folder of archives; returns the problems found (empty: it may land)."""
 
 
 def file_specs(params: DataParams) -> dict[str, FileSpec]:
@@ -106,8 +108,11 @@ def ingest(
     sources: list[Source],
     force: bool = False,
     progress_for: ProgressFactory | None = None,
+    gate: Gate | None = None,
 ) -> IngestSummary:
-    """Fetch, verify and land MNIST in paths.raw; on any failure data/ is untouched."""
+    """Fetch, verify (checksums, IDX structure, then `gate`) and land MNIST in paths.raw.
+
+    On any failure data/ is untouched."""
     specs = file_specs(params)
     if not force and present_and_verified(paths.raw, params):
         counts = check_archives(paths.raw, params)
@@ -124,6 +129,9 @@ def ingest(
             counts = check_archives(staging, params)
         except IdxError as exc:
             raise IngestError(str(exc)) from exc
+        problems = gate(staging) if gate else []
+        if problems:
+            raise IngestError("the data failed validation:\n  " + "\n  ".join(problems))
         _swap_in(staging, paths.raw)
     return IngestSummary(", ".join(sorted(set(used))), _digests(specs), counts, fetched=True)
 

@@ -52,9 +52,15 @@ class Summary:
     reason: str | None
     champion_version: str | None
     stages_run: list[str]
+    skipped: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def skipped(reason: str) -> Summary:
+    """The summary of a run that did nothing because another run held the lock."""
+    return Summary(None, None, None, None, None, None, [], skipped=reason)
 
 
 def summarise(paths: Paths, stages_run: list[str]) -> Summary:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -125,6 +126,35 @@ def score_version(paths: Paths, name: str, version: str) -> float:
     return score(model, load_split(paths, "test")).accuracy
 
 
+def consider(
+    name: str,
+    version: str,
+    challenger_accuracy: float,
+    champion_accuracy_of: Callable[[str], float],
+    policy: PromotionParams,
+) -> Decision:
+    """Make `version` the challenger and promote it if the policy says so."""
+    _client().set_registered_model_alias(name, CHALLENGER, version)
+    champion = alias_version(name, CHAMPION)
+    champion_accuracy = champion_accuracy_of(champion) if champion else None
+    if champion == version:
+        promoted, reason = False, f"version {version} is already the champion"
+    else:
+        promoted, reason = decide(challenger_accuracy, champion_accuracy, policy)
+    if promoted:
+        _set_champion(name, version, _pushed(champion_history(name), version))
+        _audit(name, "auto-promote", version=version, reason=reason)
+    return Decision(
+        promoted=promoted,
+        reason=reason,
+        challenger_version=version,
+        challenger_accuracy=challenger_accuracy,
+        champion_version=champion,
+        champion_accuracy=champion_accuracy,
+        champion_after=version if promoted else champion,
+    )
+
+
 def register(paths: Paths, params: Params) -> Decision:
     """The register stage: new version -> challenger; promote it if the policy says so."""
     import mlflow
@@ -139,24 +169,12 @@ def register(paths: Paths, params: Params) -> Decision:
     if version is None:
         tags = _version_tags(run, metrics)
         version = str(mlflow.register_model(info["model_uri"], name, tags=tags).version)
-    client.set_registered_model_alias(name, CHALLENGER, version)
-    champion = alias_version(name, CHAMPION)
-    champion_accuracy = score_version(paths, name, champion) if champion else None
-    if champion == version:
-        promoted, reason = False, f"version {version} is already the champion"
-    else:
-        promoted, reason = decide(metrics["test_accuracy"], champion_accuracy, params.promotion)
-    if promoted:
-        _set_champion(name, version, _pushed(champion_history(name), version))
-        _audit(name, "auto-promote", version=version, reason=reason)
-    decision = Decision(
-        promoted=promoted,
-        reason=reason,
-        challenger_version=version,
-        challenger_accuracy=metrics["test_accuracy"],
-        champion_version=champion,
-        champion_accuracy=champion_accuracy,
-        champion_after=version if promoted else champion,
+    decision = consider(
+        name,
+        version,
+        metrics["test_accuracy"],
+        lambda champion: score_version(paths, name, champion),
+        params.promotion,
     )
     for key, value in decision.tags().items():
         client.set_tag(info["run_id"], key, value)

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +18,15 @@ from .versioning import data_hash
 TAG_COMMIT = "git_commit"
 TAG_DATA_HASH = "data_dvc_md5"
 TAG_ARCHITECTURE = "architecture"
+TAG_PID = "digitflow.pid"
+TAG_HOST = "digitflow.host"
+
+
+CREDENTIALS_IN_URL = re.compile(r"://[^/@\s'\"]+@")
+
+
+class TrackingError(RuntimeError):
+    """The MLflow tracking server could not be reached, even after retries."""
 
 
 def tracking_uri(paths: Paths) -> str:
@@ -21,22 +34,81 @@ def tracking_uri(paths: Paths) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or paths.default_tracking_uri
 
 
+def _http_settings(params: Params) -> None:
+    """Retry and time-out settings for a tracking server (the environment may override them)."""
+    settings = params.mlflow
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(settings.http_retries))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", str(settings.http_backoff_s))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(settings.http_timeout_s)))
+
+
 def configure(paths: Paths, params: Params) -> str:
     """Point MLflow at the store and make sure the experiment exists; returns its id."""
     import mlflow
 
+    _http_settings(params)
     uri = tracking_uri(paths)
     if uri.startswith("sqlite:///"):
         paths.mlflow_dir.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    experiment = mlflow.get_experiment_by_name(params.mlflow.experiment)
-    if experiment is not None:
-        return experiment.experiment_id
-    location = None
-    if uri.startswith("sqlite:///"):
-        location = paths.mlflow_artifacts.as_uri()
-    return mlflow.create_experiment(params.mlflow.experiment, artifact_location=location)
+    with unavailable_as_error(uri):
+        experiment = mlflow.get_experiment_by_name(params.mlflow.experiment)
+        if experiment is not None:
+            return experiment.experiment_id
+        location = None
+        if uri.startswith("sqlite:///"):
+            location = paths.mlflow_artifacts.as_uri()
+        return mlflow.create_experiment(params.mlflow.experiment, artifact_location=location)
+
+
+@contextmanager
+def unavailable_as_error(uri: str) -> Iterator[None]:
+    """Turn 'server unreachable after retries' into one clear TrackingError."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as exc:
+        text = str(exc)
+        if "Max retries exceeded" in text or "Connection" in text or "API request" in text:
+            raise TrackingError(
+                f"MLflow tracking server {uri} unreachable after retries: {text.splitlines()[0]}"
+            ) from exc
+        raise
+
+
+def process_tags() -> dict[str, str]:
+    """Which process owns a run, so a later run can tell that it died."""
+    return {TAG_PID: str(os.getpid()), TAG_HOST: socket.gethostname()}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def close_orphaned_runs(experiment_id: str) -> list[str]:
+    """Mark RUNNING runs whose process on this host is gone as KILLED; returns their ids."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    here = socket.gethostname()
+    closed = []
+    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'"):
+        tags = run.data.tags
+        if tags.get(TAG_HOST) != here or not tags.get(TAG_PID, "").isdigit():
+            continue
+        if not _alive(int(tags[TAG_PID])):
+            client.set_tag(run.info.run_id, "digitflow.ended", "process died (killed or crashed)")
+            client.set_terminated(run.info.run_id, status="KILLED")
+            closed.append(run.info.run_id)
+    return closed
 
 
 def git_commit(root: Path) -> str:
@@ -66,9 +138,14 @@ def flat_params(params: Params) -> dict[str, str]:
             for key, inner in value.items():
                 out.update(walk(f"{prefix}.{key}" if prefix else key, inner))
             return out
-        return {prefix: str(value)}
+        return {prefix: redact(str(value))}
 
     return walk("", params.model_dump(by_alias=True))
+
+
+def redact(text: str) -> str:
+    """Hide credentials embedded in URLs (https://user:secret@host -> https://***@host)."""
+    return CREDENTIALS_IN_URL.sub("://***@", text)
 
 
 def run_tags(paths: Paths, params: Params) -> dict[str, str]:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -51,6 +54,27 @@ class MlflowEpochLogger(keras.callbacks.Callback):
                 for k, v in metrics.items()
             ],
         )
+
+
+@contextmanager
+def writing(target: Path) -> Iterator[None]:
+    """Turn a failed write (disk full, read-only, a file in the way) into a TrainingError."""
+    try:
+        yield
+    except OSError as exc:
+        where = exc.filename or target
+        raise TrainingError(f"cannot write {where}: {exc.strerror or exc}") from exc
+
+
+def _preflight(paths: Paths) -> None:
+    """Fail before training, not after it, when the output folders cannot be written."""
+    for folder in (paths.model_dir, paths.history_csv.parent):
+        with writing(folder):
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / ".write-test"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+    paths.run_info.unlink(missing_ok=True)  # never leave a stale run id for later stages
 
 
 def seed_everything(train: TrainParams) -> None:
@@ -104,7 +128,7 @@ def train(paths: Paths, params: Params) -> TrainResult:
     """processed arrays -> model.keras, history, curves, and an MLflow run holding them all."""
     import mlflow
 
-    paths.run_info.unlink(missing_ok=True)  # never leave a stale run id for later stages
+    _preflight(paths)
     experiment_id = tracking.configure(paths, params)
     fit, val = load_split(paths, "train"), load_split(paths, "val")
     settings = params.train
@@ -116,9 +140,11 @@ def train(paths: Paths, params: Params) -> TrainResult:
     )
     started = time.perf_counter()
     run_name = f"{params.model.architecture}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for orphan in tracking.close_orphaned_runs(experiment_id):
+        print(f"MLflow run {orphan} was left RUNNING by a process that died; marked KILLED")
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
         run_id = run.info.run_id
-        mlflow.set_tags(tracking.run_tags(paths, params))
+        mlflow.set_tags({**tracking.run_tags(paths, params), **tracking.process_tags()})
         mlflow.log_params(tracking.flat_params(params))
         mlflow.log_params({"data.n_train": len(fit.y), "data.n_val": len(val.y)})
         if paths.validation_report.is_file():
@@ -142,11 +168,15 @@ def train(paths: Paths, params: Params) -> TrainResult:
             verbose=2,
         )
         frame = _history_frame(history)
-        if not np.isfinite(frame["loss"]).all():
-            raise TrainingError("the training loss became NaN; no model was saved or registered")
+        if not np.isfinite(frame["loss"]).all() or not np.isfinite(frame["val_loss"]).all():
+            raise TrainingError(
+                f"the loss became NaN in epoch {len(frame)}; training stopped and nothing was "
+                "saved or registered (try a lower train.learning_rate)"
+            )
         seconds = time.perf_counter() - started
-        paths.model_dir.mkdir(parents=True, exist_ok=True)
-        model.save(paths.model_file)
+        with writing(paths.model_file):
+            paths.model_dir.mkdir(parents=True, exist_ok=True)
+            model.save(paths.model_file)
         model_uri = _log_model(model, val.x[:2])
         best_epoch = int(frame["val_loss"].idxmin())
         metrics = {
@@ -157,7 +187,8 @@ def train(paths: Paths, params: Params) -> TrainResult:
             "train_seconds": round(seconds, 2),
         }
         mlflow.log_metrics(metrics)
-        _write_outputs(paths, frame, metrics)
+        with writing(paths.reports):
+            _write_outputs(paths, frame, metrics)
         mlflow.log_artifact(str(paths.history_csv), artifact_path="training")
         mlflow.log_artifact(
             str(paths.reports / "plots" / "training_curves.png"), artifact_path="training"

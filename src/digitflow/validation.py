@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import pandas as pd
 
 from .config import NUM_CLASSES, SPLITS, Params, Paths, ValidateParams
-from .dataset import class_shares, dataset_frame, load_raw
+from .dataset import class_shares, dataset_frame, load_folder, load_raw, split_files
 
 LABELS = list(range(NUM_CLASSES))
 DOCS_SITE = "digitflow_docs"
@@ -219,3 +220,23 @@ def validate_data(paths: Paths, params: Params) -> ValidationReport:
     write_report(report, paths.validation_report)
     class_shares(frame).to_csv(paths.validation_dir / "class_counts.csv", index=False)
     return report
+
+
+def staged_gate(params: Params) -> Callable[[Path], list[str]]:
+    """A gate for ingestion: validate the archives in a staging folder before they land."""
+
+    def check(folder: Path) -> list[str]:
+        frame = dataset_frame(load_folder(folder, params.data), params.validate_.ink_threshold)
+        report = run_suites(frame, params.validate_, docs_dir=None)
+        return [
+            f"{_files_of(outcome, params)}: {outcome.describe()}" for outcome in report.failures
+        ]
+
+    return check
+
+
+def _files_of(outcome: Outcome, params: Params) -> str:
+    """The archives an expectation's failure points at."""
+    split = outcome.suite.removeprefix("mnist_")
+    splits = [split] if split in SPLITS else list(SPLITS)
+    return ", ".join(name for s in splits for name in split_files(params.data, s))

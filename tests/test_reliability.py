@@ -1,0 +1,325 @@
+"""What happens when things go wrong: each fault caused for real, and nothing lost.
+
+Data faults are refused before anything lands; training faults leave no model version;
+a dead process's MLflow run is closed; the registry keeps at most one champion."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import make_project, run, tree_digest
+from mirror import serve
+
+from digitflow.config import DataParams, Paths, load_params
+from digitflow.idx import read_images, read_labels, write_idx
+from digitflow.ingest import IngestError, ingest
+from digitflow.sources import Source, sha256_of
+from digitflow.validation import staged_gate
+
+TRAIN_IMAGES = "train-images-idx3-ubyte.gz"
+TRAIN_LABELS = "train-labels-idx1-ubyte.gz"
+TEST_IMAGES = "t10k-images-idx3-ubyte.gz"
+TEST_LABELS = "t10k-labels-idx1-ubyte.gz"
+
+
+# ---------------------------------------------------------------- data faults (ingest)
+
+
+def _mirror_copy(tmp_path: Path, mnist_source: Path) -> Path:
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    for name in (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS):
+        shutil.copyfile(mnist_source / name, mirror / name)
+    return mirror
+
+
+def _trusting(params: DataParams, mirror: Path) -> DataParams:
+    """Params whose published checksums match whatever the mirror serves (a rogue mirror
+    with its own checksum list), so the later checks are what must catch the fault."""
+    files = {
+        role: spec.model_copy(update={"sha256": sha256_of(mirror / spec.name)})
+        for role, spec in params.files
+    }
+    return params.model_copy(update={"files": params.files.model_copy(update=files)})
+
+
+def _gzip_bytes(path: Path, payload: bytes) -> None:
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as handle:
+        handle.write(payload)
+
+
+def _break(mirror: Path, fault: str) -> None:
+    """Damage the mirror's archives in one specific way."""
+    if fault == "wrong_magic":
+        payload = gzip.decompress((mirror / TEST_LABELS).read_bytes())
+        _gzip_bytes(mirror / TEST_LABELS, b"\x12\x34\x08\x01" + payload[4:])
+    elif fault == "wrong_dimensions":
+        images = read_images(mirror / TEST_IMAGES)
+        write_idx(mirror / TEST_IMAGES, images.reshape(len(images), 14, 56))
+    elif fault == "fewer_items_than_header":
+        payload = gzip.decompress((mirror / TRAIN_LABELS).read_bytes())
+        _gzip_bytes(mirror / TRAIN_LABELS, payload[:-100])
+    elif fault == "count_mismatch":
+        write_idx(mirror / TEST_LABELS, read_labels(mirror / TEST_LABELS)[:-5])
+    elif fault == "label_out_of_range":
+        labels = read_labels(mirror / TRAIN_LABELS).copy()
+        labels[10] = 11
+        write_idx(mirror / TRAIN_LABELS, labels)
+    elif fault == "class_missing":
+        labels = read_labels(mirror / TEST_LABELS).copy()
+        labels[labels == 3] = 8
+        write_idx(mirror / TEST_LABELS, labels)
+    elif fault == "test_copied_into_train":
+        images = read_images(mirror / TRAIN_IMAGES).copy()
+        images[:50] = read_images(mirror / TEST_IMAGES)[:50]
+        write_idx(mirror / TRAIN_IMAGES, images)
+    elif fault == "blank_images":
+        images = read_images(mirror / TEST_IMAGES).copy()
+        images[100:110] = 0
+        write_idx(mirror / TEST_IMAGES, images)
+    elif fault == "truncated_gzip":
+        data = (mirror / TRAIN_IMAGES).read_bytes()
+        (mirror / TRAIN_IMAGES).write_bytes(data[: len(data) // 3])
+    elif fault == "not_gzip":
+        (mirror / TEST_IMAGES).write_bytes(b"<html>not an archive</html>")
+    else:
+        raise ValueError(fault)
+
+
+DATA_FAULTS = {
+    # fault: (file named in the message, words naming the problem)
+    "wrong_magic": (TEST_LABELS, "wrong IDX magic number"),
+    "wrong_dimensions": (TEST_IMAGES, "expected 28x28"),
+    "fewer_items_than_header": (TRAIN_LABELS, "header says shape (60000,)"),
+    "count_mismatch": (TEST_LABELS, "10000 images but 9995 labels"),
+    "label_out_of_range": (TRAIN_LABELS, "label 11 > 9"),
+    "class_missing": (TEST_LABELS, "expect_column_distinct_values_to_contain_set"),
+    "test_copied_into_train": (TRAIN_IMAGES, "in_both_splits"),
+    "blank_images": (TEST_IMAGES, "ink_fraction"),
+    "truncated_gzip": (TRAIN_IMAGES, "truncated"),
+    "not_gzip": (TEST_IMAGES, "not a gzip file"),
+}
+
+
+@pytest.fixture
+def landed(tmp_path: Path, ingested: Paths) -> Paths:
+    """A git-tracked project whose data/ and data.dvc hold the good dataset."""
+    project = make_project(tmp_path / "project")
+    shutil.copytree(ingested.raw, project.raw)
+    return project
+
+
+@pytest.mark.parametrize("fault", sorted(DATA_FAULTS))
+def test_bad_data_is_refused_and_nothing_changes(tmp_path, landed, mnist_source, fault) -> None:
+    mirror = _mirror_copy(tmp_path, mnist_source)
+    _break(mirror, fault)
+    params = load_params(landed.params)
+    data_before, dvc_before = tree_digest(landed.data), landed.data_dvc.read_bytes()
+    with serve(mirror) as url, pytest.raises(IngestError) as info:
+        ingest(
+            landed,
+            _trusting(params.data, mirror),
+            [Source(url)],
+            force=True,
+            gate=staged_gate(params),
+        )
+    file_name, problem = DATA_FAULTS[fault]
+    assert file_name in str(info.value) and problem in str(info.value)
+    assert tree_digest(landed.data) == data_before
+    assert landed.data_dvc.read_bytes() == dvc_before
+    assert not (landed.mlflow_dir / "mlflow.db").exists(), "ingest must not touch the registry"
+
+
+def test_mirror_that_refuses_is_named(tmp_path, landed, mnist_source) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    params = load_params(landed.params)
+    with serve(empty) as url, pytest.raises(IngestError, match=r"HTTP 404"):
+        ingest(landed, params.data, [Source(url)], force=True)
+    assert sha256_of(landed.raw / TRAIN_IMAGES) == params.data.files.train_images.sha256
+
+
+# ---------------------------------------------------------------- training and tracking faults
+
+SLICE = {
+    ("data", "max_train_samples"): 1500,
+    ("data", "max_test_samples"): 400,
+    ("model", "architecture"): "seed_cnn",
+    ("train", "epochs"): 1,
+    ("train", "lr_schedule"): "constant",
+    ("promotion", "min_accuracy"): 0.2,
+}
+
+
+def _set(project: Paths, changes: dict) -> None:
+    from test_pipeline import set_params
+
+    set_params(project, changes)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, ingested: Paths) -> Paths:
+    """A slice project with one full `dvc repro` done: version 1 is champion."""
+    project = make_project(tmp_path_factory.mktemp("reliability") / "project")
+    _set(project, SLICE)
+    shutil.copytree(ingested.raw, project.raw)
+    run(["dvc", "repro"], project.root)
+    return project
+
+
+def _registry(project: Paths) -> tuple[list[str], str | None]:
+    """(all version numbers, champion version) read straight from the project's store."""
+    from digitflow import tracking
+    from digitflow.registry import CHAMPION, alias_version, list_versions
+
+    params = load_params(project.params)
+    tracking.configure(project, params)
+    name = params.mlflow.registered_model
+    return [row["version"] for row in list_versions(name)], alias_version(name, CHAMPION)
+
+
+def _latest_run(project: Paths):
+    import mlflow
+    from digitflow import tracking
+
+    experiment = tracking.configure(project, load_params(project.params))
+    return mlflow.MlflowClient().search_runs([experiment], order_by=["attributes.start_time DESC"])[
+        0
+    ]
+
+
+def test_nan_loss_stops_training_and_registers_nothing(trained: Paths) -> None:
+    before = _registry(trained)
+    _set(trained, {("train", "learning_rate"): 1e12})
+    try:
+        result = run(["dvc", "repro"], trained.root, check=False)
+    finally:
+        _set(trained, {("train", "learning_rate"): SLICE.get(("train", "learning_rate"), 0.001)})
+    assert result.returncode != 0
+    assert "the loss became NaN" in result.stdout + result.stderr
+    assert _latest_run(trained).info.status == "FAILED"
+    assert _registry(trained) == before
+
+
+def test_unwritable_model_directory_is_a_clear_error(trained: Paths) -> None:
+    before, run_before = _registry(trained), _latest_run(trained).info.run_id
+    shutil.rmtree(trained.model_dir, ignore_errors=True)
+    trained.model_dir.write_text("a file where the model folder should be")
+    try:
+        result = run(["digitflow", "train"], trained.root, check=False)
+    finally:
+        trained.model_dir.unlink()
+    assert result.returncode == 1
+    assert f"cannot write {trained.model_dir}" in result.stdout
+    assert _latest_run(trained).info.run_id == run_before, "no training was started"
+    assert _registry(trained) == before
+
+
+def test_disk_full_is_a_clear_error(trained: Paths) -> None:
+    """A 2 MiB file-size limit (the kernel refuses the write, as on a full disk)."""
+    before = _registry(trained)
+    script = "trap '' XFSZ; ulimit -f 2048; exec digitflow train"
+    result = run(["bash", "-c", script], trained.root, check=False)
+    assert result.returncode == 1
+    assert "cannot write" in result.stdout and "File too large" in result.stdout
+    assert _registry(trained) == before
+
+
+def test_validation_failure_in_the_pipeline_leaves_the_registry(trained: Paths) -> None:
+    before = _registry(trained)
+    labels_file = trained.raw / TEST_LABELS
+    original = labels_file.read_bytes()
+    labels = read_labels(labels_file).copy()
+    labels[:5] = 42
+    write_idx(labels_file, labels)
+    try:
+        result = run(["dvc", "repro"], trained.root, check=False)
+    finally:
+        labels_file.write_bytes(original)
+    assert result.returncode != 0
+    assert "FAILED [mnist_test] expect_column_values_to_be_in_set on 'label'" in result.stdout
+    assert _registry(trained) == before
+
+
+def _wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def test_sigkill_mid_training_leaves_nothing_half_done(trained: Paths) -> None:
+    import mlflow
+    from digitflow import tracking
+
+    versions_before, champion_before = _registry(trained)
+    experiment = tracking.configure(trained, load_params(trained.params))
+    client = mlflow.MlflowClient()
+    known = {r.info.run_id for r in client.search_runs([experiment])}
+    _set(trained, {("train", "epochs"): 50, ("train", "early_stopping_patience"): 50})
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    repro = subprocess.Popen(
+        ["dvc", "repro"],
+        cwd=trained.root,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def training_run():
+        for candidate in client.search_runs([experiment], "attributes.status = 'RUNNING'"):
+            fresh = candidate.info.run_id not in known
+            if fresh and client.get_metric_history(candidate.info.run_id, "loss"):
+                return candidate.info.run_id
+        return None
+
+    try:
+        killed_run = _wait_for(training_run, 180, "an epoch of the training run")
+    finally:
+        os.killpg(repro.pid, signal.SIGKILL)
+        repro.wait()
+    assert client.get_run(killed_run).info.status == "RUNNING"  # a killed process can't say so
+    assert _registry(trained) == (versions_before, champion_before)
+
+    _set(trained, {("train", "epochs"): 1, ("train", "early_stopping_patience"): 4})
+    result = run(["dvc", "repro"], trained.root)
+    assert "was left RUNNING by a process that died; marked KILLED" in result.stdout
+    assert client.get_run(killed_run).info.status == "KILLED"
+    versions_after, _ = _registry(trained)
+    assert len(versions_after) == len(versions_before) + 1
+    registered_runs = {
+        mv.run_id
+        for mv in client.search_model_versions(
+            f"name='{load_params(trained.params).mlflow.registered_model}'"
+        )
+    }
+    assert killed_run not in registered_runs
+
+
+def test_tracking_server_down_fails_fast_and_clearly(trained: Paths) -> None:
+    from mirror import dead_url
+
+    before = _registry(trained)
+    env = {
+        "MLFLOW_TRACKING_URI": dead_url().rstrip("/"),
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    }
+    started = time.monotonic()
+    result = run(["digitflow", "train"], trained.root, check=False, env=env)
+    assert result.returncode == 1
+    assert "unreachable after retries" in result.stdout
+    assert time.monotonic() - started < 60
+    assert _registry(trained) == before
