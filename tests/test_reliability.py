@@ -5,7 +5,9 @@ a dead process's MLflow run is closed; the registry keeps at most one champion."
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import json
 import os
 import shutil
 import signal
@@ -15,7 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_project, run, tree_digest
+from conftest import REPO, make_project, run, tree_digest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from mirror import serve
 
 from digitflow.config import DataParams, Paths, load_params
@@ -323,3 +327,251 @@ def test_tracking_server_down_fails_fast_and_clearly(trained: Paths) -> None:
     assert "unreachable after retries" in result.stdout
     assert time.monotonic() - started < 60
     assert _registry(trained) == before
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_tracking_server_stopping_mid_run(tmp_path: Path, trained: Paths) -> None:
+    """A real `mlflow server` dies during training: retries, a clear failure, no registry change."""
+    import requests
+
+    import mlflow
+
+    port, store = _free_port(), tmp_path / "server"
+    store.mkdir()
+    backend = f"sqlite:///{store / 'mlflow.db'}"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    server = subprocess.Popen(
+        [
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            backend,
+            "--artifacts-destination",
+            str(store / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        cwd=store,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    training = None
+    try:
+
+        def healthy() -> bool:
+            try:
+                return requests.get(f"{uri}/health", timeout=2).ok
+            except requests.RequestException:
+                return False
+
+        _wait_for(healthy, 120, "mlflow server /health")
+        _set(trained, {("train", "epochs"): 50, ("train", "early_stopping_patience"): 50})
+        training = subprocess.Popen(
+            ["digitflow", "train"],
+            cwd=trained.root,
+            text=True,
+            env={
+                **env,
+                "MLFLOW_TRACKING_URI": uri,
+                "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+            },
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        client = mlflow.MlflowClient(tracking_uri=uri)
+
+        def logging_epochs() -> bool:
+            experiment = client.get_experiment_by_name(
+                load_params(trained.params).mlflow.experiment
+            )
+            if experiment is None:
+                return False
+            runs = client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'")
+            return any(client.get_metric_history(r.info.run_id, "loss") for r in runs)
+
+        _wait_for(logging_epochs, 180, "the first epoch to reach the server")
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+        output, _ = training.communicate(timeout=240)
+    finally:
+        _set(trained, {("train", "epochs"): 1, ("train", "early_stopping_patience"): 4})
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+        if training and training.poll() is None:
+            training.kill()
+    assert training.returncode == 1
+    assert f"MLflow tracking server {uri} unreachable after retries" in output
+    offline = mlflow.MlflowClient(tracking_uri=backend, registry_uri=backend)
+    assert offline.search_registered_models() == []
+
+
+# ---------------------------------------------------------------- registry property test
+
+
+OPERATIONS = st.lists(
+    st.one_of(
+        st.tuples(st.just("challenger"), st.floats(0.5, 1.0, allow_nan=False)),
+        st.tuples(st.just("promote"), st.integers(0, 50)),
+        st.tuples(st.just("rollback"), st.just(0)),
+    ),
+    min_size=1,
+    max_size=10,
+)
+
+
+@pytest.fixture(scope="module")
+def registry_store(tmp_path_factory) -> Path:
+    import mlflow
+
+    folder = tmp_path_factory.mktemp("registry")
+    mlflow.set_tracking_uri(f"sqlite:///{folder / 'mlflow.db'}")
+    mlflow.set_registry_uri(f"sqlite:///{folder / 'mlflow.db'}")
+    return folder
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(operations=OPERATIONS)
+def test_registry_keeps_one_champion_and_never_regresses_by_itself(
+    registry_store, params, operations
+):
+    import uuid
+
+    import mlflow
+    from digitflow.registry import CHAMPION, RegistryError, consider, promote, rollback
+
+    client = mlflow.MlflowClient()
+    name = f"prop-{uuid.uuid4().hex[:10]}"
+    client.create_registered_model(name)
+    policy = params.promotion.model_copy(update={"min_accuracy": 0.7, "min_delta": 0.001})
+    scores: dict[str, float] = {}
+    champion: str | None = None
+    for operation, argument in operations:
+        before = champion
+        if operation == "challenger":
+            version = str(client.create_model_version(name, source=str(registry_store)).version)
+            scores[version] = argument
+            consider(name, version, argument, lambda v: scores[v], policy)
+        elif operation == "promote" and scores:
+            promote(name, sorted(scores, key=int)[argument % len(scores)], "property test")
+        elif operation == "rollback":
+            with contextlib.suppress(RegistryError):
+                rollback(name, "property test")
+        holders = [v for v in scores if CHAMPION in client.get_model_version(name, v).aliases]
+        assert len(holders) <= 1, f"several champions: {holders}"
+        champion = holders[0] if holders else None
+        if operation == "challenger" and before is not None:
+            assert champion is not None and scores[champion] >= scores[before], "score went down"
+        if operation == "challenger" and champion != before:
+            assert scores[champion] >= policy.min_accuracy, "promoted below the gate"
+
+
+# ---------------------------------------------------------------- concurrency
+
+
+def test_two_pipeline_runs_never_interleave(tmp_path: Path, trained: Paths) -> None:
+    """Two `digitflow run --force` processes at once: the lock serialises them."""
+    import mlflow
+    from digitflow import tracking
+
+    versions_before, _ = _registry(trained)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    runs = []
+    for index in range(2):
+        runs.append(
+            subprocess.Popen(
+                ["digitflow", "run", "--force"],
+                cwd=trained.root,
+                text=True,
+                env={
+                    **env,
+                    "PREFECT_HOME": str(tmp_path / f"prefect{index}"),
+                    "PREFECT_API_URL": "",
+                },
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+        )
+    outputs = [process.communicate(timeout=600)[0] for process in runs]
+    assert [process.returncode for process in runs] == [0, 0], outputs
+    versions_after, champion = _registry(trained)
+    assert len(versions_after) == len(versions_before) + 2
+    experiment = tracking.configure(trained, load_params(trained.params))
+    latest = mlflow.MlflowClient().search_runs(
+        [experiment], order_by=["attributes.start_time DESC"]
+    )[:2]
+    first, second = sorted(latest, key=lambda r: r.info.start_time)
+    assert first.info.status == second.info.status == "FINISHED"
+    assert first.info.end_time <= second.info.start_time, "the two training runs overlapped"
+    assert (
+        run(["dvc", "status"], trained.root).stdout.strip() == "Data and pipelines are up to date."
+    )
+
+
+def test_no_wait_run_is_skipped_while_another_holds_the_lock(
+    tmp_path: Path, trained: Paths
+) -> None:
+    from digitflow.locking import pipeline_lock
+
+    before = _registry(trained)
+    with pipeline_lock(trained.root):
+        result = run(
+            ["digitflow", "run", "--no-wait"],
+            trained.root,
+            env={"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": ""},
+        )
+    assert "skipped: another pipeline run holds" in result.stdout
+    assert _registry(trained) == before
+
+
+# ---------------------------------------------------------------- security
+
+
+def test_logged_params_carry_no_credentials(params) -> None:
+    from digitflow.tracking import flat_params
+
+    mirrors = ["https://reader:s3cr3t-token@mirror.example/mnist/", *params.data.mirrors]
+    leaky = params.model_copy(update={"data": params.data.model_copy(update={"mirrors": mirrors})})
+    logged = flat_params(leaky)
+    assert "s3cr3t-token" not in json.dumps(logged)
+    assert "https://***@mirror.example/mnist/" in logged["data.mirrors"]
+
+
+def test_repository_holds_no_credentials() -> None:
+    import re
+
+    tracked = run(["git", "ls-files"], REPO).stdout.split()
+    pattern = re.compile(
+        r"(AKIA[0-9A-Z]{16}|aws_secret_access_key\s*=|password\s*[:=]\s*\S+|://[^/\s:@]+:[^/\s@]+@)",
+        re.I,
+    )
+    offenders = [
+        name
+        for name in tracked
+        if (REPO / name).is_file()
+        and (REPO / name).stat().st_size < 2_000_000
+        and name != "tests/test_reliability.py"
+        and pattern.search((REPO / name).read_text(errors="ignore"))
+    ]
+    assert offenders == []
+
+
+def test_servers_bind_to_loopback_by_default() -> None:
+    dry_run = run(["make", "-n", "ui"], REPO).stdout
+    assert "--host 127.0.0.1" in dry_run

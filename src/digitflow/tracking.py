@@ -144,7 +144,7 @@ def flat_params(params: Params) -> dict[str, str]:
 
 
 def redact(text: str) -> str:
-    """Hide credentials embedded in URLs (https://user:secret@host -> https://***@host)."""
+    """Hide credentials embedded in URLs: the user-info part before `@` becomes `***`."""
     return CREDENTIALS_IN_URL.sub("://***@", text)
 
 
