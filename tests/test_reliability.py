@@ -151,6 +151,20 @@ def test_mirror_that_refuses_is_named(tmp_path, landed, mnist_source) -> None:
     assert sha256_of(landed.raw / TRAIN_IMAGES) == params.data.files.train_images.sha256
 
 
+@pytest.mark.parametrize(
+    ("mode", "problem"), [("hang", "timed out"), ("html", "served an HTML page")]
+)
+def test_only_mirror_hangs_or_serves_html(landed, mnist_source, mode, problem) -> None:
+    params = load_params(landed.params)
+    quick = params.data.model_copy(update={"timeout_s": 0.5})
+    data_before, dvc_before = tree_digest(landed.data), landed.data_dvc.read_bytes()
+    with serve(mnist_source, mode=mode, hang_s=2) as url, pytest.raises(IngestError) as info:
+        ingest(landed, quick, [Source(url)], force=True)
+    assert TRAIN_IMAGES in str(info.value) and problem in str(info.value)
+    assert tree_digest(landed.data) == data_before
+    assert landed.data_dvc.read_bytes() == dvc_before
+
+
 # ---------------------------------------------------------------- training and tracking faults
 
 SLICE = {
