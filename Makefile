@@ -6,7 +6,7 @@ BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 UI_PORT ?= 5000
 
-.PHONY: help install run test lint format ui repro clean
+.PHONY: help install run test lint format ui repro clean bench-overhead bench-throughput bench-noop bench-validation bench-accuracy
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -26,18 +26,34 @@ test: install  ## Run the test suite (small slices, real components)
 	pytest
 
 lint: install  ## Ruff lint and format check
-	ruff check src flows tests
-	ruff format --check src flows tests
+	ruff check src flows tests bench
+	ruff format --check src flows tests bench
 
 format: install  ## Apply ruff's fixes and formatting
-	ruff check --fix src flows tests
-	ruff format src flows tests
+	ruff check --fix src flows tests bench
+	ruff format src flows tests bench
 
 repro: install  ## Rebuild what changed with DVC
 	dvc repro
 
 ui: install  ## Open the MLflow UI on the embedded store (http://127.0.0.1:$(UI_PORT))
 	mlflow ui --backend-store-uri sqlite:///$(abspath mlflow)/mlflow.db --host 127.0.0.1 --port $(UI_PORT)
+
+bench-overhead: install  ## Plain tutorial script vs the whole pipeline (writes bench/results/)
+	python bench/overhead.py
+
+bench-throughput: install  ## Samples/s: pipeline input path vs numpy arrays vs tf.data
+	python bench/throughput.py
+
+bench-noop: install  ## Cost of `dvc repro` and a flow run when nothing changed
+	python bench/noop.py
+
+bench-validation: install  ## `digitflow validate` on all 70,000 images
+	python bench/validation_cost.py
+
+bench-accuracy: install  ## Test accuracy and training time over three seeds, both models
+	python bench/accuracy.py --preset digit_cnn --seeds 1 2 3
+	python bench/accuracy.py --preset seed_cnn --seeds 1 2 3
 
 clean:  ## Remove pipeline outputs (keeps data/, the MLflow store and .venv)
 	rm -rf artifacts reports

@@ -18,7 +18,7 @@ set_environment_defaults()
 from prefect import flow, get_run_logger, task  # noqa: E402
 
 from digitflow import ingest as ingestion  # noqa: E402
-from digitflow import locking, pipeline, sources, validation, versioning  # noqa: E402
+from digitflow import locking, pipeline, sources, validation  # noqa: E402
 
 
 @task(name="ingest", retries=2, retry_delay_seconds=5)
@@ -30,10 +30,7 @@ def ingest_data(root: str, source: str | None) -> str | None:
     mirrors = sources.resolve_sources(source, params.data.mirrors)
     summary = ingestion.ingest(project, params.data, mirrors, gate=validation.staged_gate(params))
     logger.info("data/: %s (%s)", summary.counts, "fetched" if summary.fetched else "already there")
-    if summary.fetched or not versioning.data_status_clean(project):
-        versioning.track_data(project)
-        versioning.push_data(project)
-    return versioning.data_hash(project)
+    return ingestion.record_with_dvc(project, summary.fetched).data_hash
 
 
 @task(name="dvc-stage")

@@ -83,11 +83,10 @@ def ingest(
 ) -> None:
     """Fetch MNIST's four archives, verify their sha256 and IDX structure, land them in data/."""
     from .idx import IdxError
-    from .ingest import IngestError
+    from .ingest import IngestError, record_with_dvc
     from .ingest import ingest as run_ingest
     from .sources import resolve_sources
     from .validation import staged_gate
-    from .versioning import data_hash, push_data, track_data
 
     project, params = _setup(root)
     sources = resolve_sources(source or os.environ.get(SOURCE_ENV), params.data.mirrors)
@@ -102,16 +101,21 @@ def ingest(
             )
     except (IngestError, IdxError) as exc:
         _fail(f"{exc}\ndata/ was left unchanged.")
-    committed = data_hash(project)
     console.print(
-        f"  {'fetched from ' + summary.source if summary.fetched else 'already present and verified'}"
-        f"; train={summary.counts['train']:,} test={summary.counts['test']:,} images"
+        "  fetched from " + summary.source if summary.fetched else "  already present and verified",
+        f"; train={summary.counts['train']:,} test={summary.counts['test']:,} images",
+        sep="",
     )
     if dvc:
-        new_hash = track_data(project)
-        pushed = push_data(project)
-        state = "unchanged" if new_hash == committed else f"changed (was {committed})"
-        console.print(f"  DVC: data.dvc md5 {new_hash} ({state}); pushed {pushed} file(s)")
+        recorded = record_with_dvc(project, summary.fetched)
+        state = (
+            "unchanged"
+            if recorded.data_hash == recorded.previous_hash
+            else f"changed (was {recorded.previous_hash})"
+        )
+        console.print(
+            f"  DVC: data.dvc md5 {recorded.data_hash} ({state}); pushed {recorded.pushed} file(s)"
+        )
     console.print(f"[green]ingest done[/] in {time.perf_counter() - started:.1f} s")
 
 

@@ -138,3 +138,23 @@ def ingest(
 
 def _digests(specs: dict[str, FileSpec]) -> dict[str, str]:
     return {spec.name: spec.sha256 for spec in specs.values()}
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What DVC recorded after ingestion."""
+
+    data_hash: str | None
+    previous_hash: str | None
+    pushed: int
+
+
+def record_with_dvc(paths: Paths, fetched: bool) -> Recorded:
+    """`dvc add data` and `dvc push` when data/ is new or differs from data.dvc's cache."""
+    from .versioning import data_hash, data_status_clean, push_data, track_data
+
+    previous = data_hash(paths)
+    if not fetched and previous and data_status_clean(paths):
+        return Recorded(previous, previous, 0)
+    current = track_data(paths)
+    return Recorded(current, previous, push_data(paths))

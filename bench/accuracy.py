@@ -1,0 +1,106 @@
+"""Test accuracy and training time of an architecture over several seeds.
+
+Each seed trains through the pipeline's own stages (`digitflow preprocess/train/evaluate`)
+in a scratch copy of the project; the test set is used only for the final score.
+
+    python bench/accuracy.py --preset digit_cnn --seeds 1 2 3
+    python bench/accuracy.py --preset seed_cnn --seeds 1 2 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+from pathlib import Path
+
+import yaml
+from common import REPO, timed, write_result
+
+PRESETS = {
+    # the params.yaml defaults
+    "digit_cnn": {},
+    # the tutorial: its model, 10 epochs, constant learning rate
+    "seed_cnn": {
+        "model.architecture": "seed_cnn",
+        "train.epochs": 10,
+        "train.lr_schedule": "constant",
+    },
+}
+
+
+def apply(params_file: Path, overrides: dict) -> None:
+    raw = yaml.safe_load(params_file.read_text())
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".", 1)
+        raw[section][key] = value
+    params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def parse_set(items: list[str]) -> dict:
+    return {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in items)}
+
+
+def workspace(name: str) -> Path:
+    """A scratch copy of the project with the dataset in place."""
+    work = REPO / "bench" / ".work" / name
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    for item in ("params.yaml", "dvc.yaml"):
+        shutil.copy(REPO / item, work / item)
+    source = os.environ.get("DIGITFLOW_MNIST_SOURCE") or str(REPO / "data" / "mnist")
+    timed(["digitflow", "ingest", "--no-dvc", "--source", source], work)
+    return work
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="digit_cnn")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="KEY=VALUE")
+    args = parser.parse_args()
+    overrides = {**PRESETS[args.preset], **parse_set(args.overrides)}
+    work = workspace(f"accuracy-{args.preset}")
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
+    apply(work / "params.yaml", overrides)
+    timed(["digitflow", "preprocess"], work)
+    runs = []
+    for seed in args.seeds:
+        apply(work / "params.yaml", {"train.seed": seed})
+        train_wall, _ = timed(["digitflow", "train"], work, env)
+        timed(["digitflow", "evaluate"], work, env)
+        trained = json.loads((work / "reports" / "train_metrics.json").read_text())
+        scored = json.loads((work / "reports" / "evaluation" / "metrics.json").read_text())
+        runs.append(
+            {
+                "seed": seed,
+                "test_accuracy": scored["test_accuracy"],
+                "train_seconds": trained["train_seconds"],
+                "train_command_seconds": round(train_wall, 2),
+                "epochs_run": trained["epochs_run"],
+                "best_val_accuracy": trained["best_val_accuracy"],
+            }
+        )
+        print(json.dumps(runs[-1]), flush=True)
+    accuracies = [r["test_accuracy"] for r in runs]
+    seconds = [r["train_seconds"] for r in runs]
+    summary = {
+        "preset": args.preset,
+        "overrides": overrides,
+        "runs": runs,
+        "test_accuracy_mean": statistics.mean(accuracies),
+        "test_accuracy_std": statistics.stdev(accuracies) if len(runs) > 1 else 0.0,
+        "train_seconds_mean": statistics.mean(seconds),
+        "train_seconds_max": max(seconds),
+    }
+    write_result(f"accuracy-{args.preset}", summary)
+    print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Shared helpers for the benchmarks: machine facts, timing, and result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+PACKAGES = ("tensorflow-cpu", "keras", "prefect", "mlflow", "dvc", "great-expectations", "numpy")
+
+
+def machine() -> dict:
+    """Where and with what a benchmark ran."""
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": versions,
+    }
+
+
+def timed(cmd: list[str], cwd: Path, env: dict | None = None) -> tuple[float, str]:
+    """Run a command to completion; return (wall seconds, combined output). Fails loudly."""
+    bin_dir = str(Path(sys.executable).parent)
+    full_env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", **(env or {})}
+    started = time.perf_counter()
+    result = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True)
+    elapsed = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(cmd)} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
+    return elapsed, result.stdout + result.stderr
+
+
+def write_result(name: str, figures: dict) -> Path:
+    """Write bench/results/<name>-<timestamp>.json with the machine facts and the figures."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(
+        json.dumps({"benchmark": name, "machine": machine(), **figures}, indent=2) + "\n"
+    )
+    print(f"wrote {path}")
+    return path
+
+
+def project_copy(name: str, overrides: dict | None = None) -> Path:
+    """A fresh clone of this repository under bench/.work/NAME with the dataset ingested."""
+    import yaml
+
+    work = REPO / "bench" / ".work" / name
+    if work.exists():
+        shutil.rmtree(work)
+    work.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["git", "clone", "-q", str(REPO), str(work)], check=True)
+    if overrides:
+        raw = yaml.safe_load((work / "params.yaml").read_text())
+        for dotted, value in overrides.items():
+            section, key = dotted.split(".", 1)
+            raw[section][key] = value
+        (work / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    source = os.environ.get("DIGITFLOW_MNIST_SOURCE") or str(REPO / "data" / "mnist")
+    timed(["digitflow", "ingest", "--source", source], work)
+    return work
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2

@@ -1,0 +1,94 @@
+"""Pipeline overhead: the plain tutorial script against the whole pipeline, same model and data.
+
+Both run the tutorial settings (seed_cnn, 10 epochs, batch 128, 20% validation) on the same
+local archives, in alternating order, and the ratio pipeline/plain is reported for the
+Prefect flow (`digitflow run --force`) and for `dvc repro -f`. A last round times each
+stage command on its own, to show where the pipeline's extra time goes.
+
+    python bench/overhead.py [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from common import REPO, median, project_copy, timed, write_result
+
+TUTORIAL = {
+    "model.architecture": "seed_cnn",
+    "train.epochs": 10,
+    "train.batch_size": 128,
+    "train.lr_schedule": "constant",
+    "train.learning_rate": 0.001,
+    "train.early_stopping_patience": 10,
+    "preprocess.val_fraction": 0.2,
+}
+STAGES = ("validate", "preprocess", "train", "evaluate", "register")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    work = project_copy("overhead", TUTORIAL)
+    env = {"PREFECT_HOME": str(work / ".prefect"), "MLFLOW_TRACKING_URI": ""}
+    plain_cmd = ["python", str(REPO / "bench" / "plain_tutorial.py"), str(work / "data" / "mnist")]
+    timed(["digitflow", "run"], work, env)  # warm-up: creates the Prefect and MLflow databases
+    walls: dict[str, list[float]] = {"plain": [], "flow": [], "dvc": []}
+    accuracy: dict[str, list[float]] = {"plain": [], "flow": [], "dvc": []}
+    commands = {
+        "plain": plain_cmd,
+        "flow": ["digitflow", "run", "--force"],
+        "dvc": ["dvc", "repro", "-f"],
+    }
+    for round_index in range(args.rounds):
+        order = ["plain", "flow", "dvc"] if round_index % 2 == 0 else ["dvc", "flow", "plain"]
+        for side in order:
+            wall, output = timed(commands[side], work, env)
+            walls[side].append(round(wall, 2))
+            if side == "plain":
+                accuracy[side].append(_last_json(output)["test_accuracy"])
+            else:
+                metrics = json.loads((work / "reports" / "evaluation" / "metrics.json").read_text())
+                accuracy[side].append(metrics["test_accuracy"])
+            print(f"round {round_index + 1}: {side} {wall:.1f} s", flush=True)
+    stage_seconds = {stage: round(timed(["digitflow", stage], work, env)[0], 2) for stage in STAGES}
+    figures = {
+        "settings": TUTORIAL,
+        "rounds": args.rounds,
+        "wall_seconds": walls,
+        "test_accuracy": accuracy,
+        "median_seconds": {side: median(values) for side, values in walls.items()},
+        "ratio_flow_over_plain": median(walls["flow"]) / median(walls["plain"]),
+        "ratio_dvc_over_plain": median(walls["dvc"]) / median(walls["plain"]),
+        "stage_command_seconds": stage_seconds,
+    }
+    write_result("overhead", figures)
+    print(
+        json.dumps(
+            {
+                k: figures[k]
+                for k in (
+                    "median_seconds",
+                    "ratio_flow_over_plain",
+                    "ratio_dvc_over_plain",
+                    "stage_command_seconds",
+                )
+            },
+            indent=2,
+        )
+    )
+
+
+def _last_json(output: str) -> dict:
+    for line in reversed(output.strip().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise ValueError("the plain script printed no JSON line")
+
+
+if __name__ == "__main__":
+    main()
