@@ -1,0 +1,66 @@
+"""Print the README's results table from the newest JSON file of each benchmark.
+
+python bench/report.py
+"""
+
+from __future__ import annotations
+
+import json
+
+from common import RESULTS
+
+
+def newest(prefix: str) -> dict | None:
+    files = sorted(RESULTS.glob(f"{prefix}-2*.json"))
+    return json.loads(files[-1].read_text()) | {"file": files[-1].name} if files else None
+
+
+def main() -> None:
+    rows = ["| figure | value | command | result file |", "| --- | --- | --- | --- |"]
+    for preset in ("seed_cnn", "digit_cnn"):
+        result = newest(f"accuracy-{preset}")
+        if result:
+            runs = len(result["runs"])
+            rows.append(
+                f"| `{preset}` test accuracy ({runs} seeds) | {result['test_accuracy_mean']:.4f} ± "
+                f"{result['test_accuracy_std']:.4f}; training {result['train_seconds_mean']:.0f} s mean "
+                f"| `python bench/accuracy.py --preset {preset} --seeds 1 2 3` | `{result['file']}` |"
+            )
+    overhead = newest("overhead")
+    if overhead:
+        medians = overhead["median_seconds"]
+        rows.append(
+            f"| pipeline overhead, Prefect flow / plain script | {overhead['ratio_flow_over_plain']:.2f} "
+            f"({medians['flow']:.0f} s / {medians['plain']:.0f} s) | `python bench/overhead.py` | `{overhead['file']}` |"
+        )
+        rows.append(
+            f"| pipeline overhead, `dvc repro -f` / plain script | {overhead['ratio_dvc_over_plain']:.2f} "
+            f"({medians['dvc']:.0f} s / {medians['plain']:.0f} s) | same | same |"
+        )
+    throughput = newest("throughput")
+    if throughput:
+        rates = throughput["median_samples_per_second"]
+        rows.append(
+            f"| training throughput, pipeline arrays / numpy | {throughput['ratio_pipeline_over_numpy']:.2f} "
+            f"({rates['pipeline']:.0f} / {rates['numpy']:.0f} samples/s); tf.data cache+prefetch: "
+            f"{throughput['ratio_tf_data_over_numpy']:.2f} | `python bench/throughput.py` | `{throughput['file']}` |"
+        )
+    noop = newest("noop")
+    if noop:
+        medians = noop["median_seconds"]
+        rows.append(
+            f"| no-op `dvc repro` / no-op flow run | {medians['dvc_repro']:.1f} s / {medians['flow_run']:.1f} s "
+            f"| `python bench/noop.py` | `{noop['file']}` |"
+        )
+    validation = newest("validation")
+    if validation:
+        rows.append(
+            f"| `digitflow validate`, 70,000 images | {validation['median_command_wall_seconds']:.1f} s "
+            f"({validation['median_validation_seconds']:.1f} s after imports) | `python bench/validation_cost.py` "
+            f"| `{validation['file']}` |"
+        )
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
