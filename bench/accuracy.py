@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import statistics
-from pathlib import Path
 
 import yaml
-from common import REPO, timed, write_result
+from common import apply_params, project_copy, timed, write_result
 
 PRESETS = {
     # the params.yaml defaults
@@ -31,29 +28,8 @@ PRESETS = {
 }
 
 
-def apply(params_file: Path, overrides: dict) -> None:
-    raw = yaml.safe_load(params_file.read_text())
-    for dotted, value in overrides.items():
-        section, key = dotted.split(".", 1)
-        raw[section][key] = value
-    params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
-
-
 def parse_set(items: list[str]) -> dict:
     return {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in items)}
-
-
-def workspace(name: str) -> Path:
-    """A scratch copy of the project with the dataset in place."""
-    work = REPO / "bench" / ".work" / name
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    for item in ("params.yaml", "dvc.yaml"):
-        shutil.copy(REPO / item, work / item)
-    source = os.environ.get("DIGITFLOW_MNIST_SOURCE") or str(REPO / "data" / "mnist")
-    timed(["digitflow", "ingest", "--no-dvc", "--source", source], work)
-    return work
 
 
 def main() -> None:
@@ -65,13 +41,12 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="KEY=VALUE")
     args = parser.parse_args()
     overrides = {**PRESETS[args.preset], **parse_set(args.overrides)}
-    work = workspace(f"accuracy-{args.preset}")
+    work = project_copy(f"accuracy-{args.preset}", overrides)
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
-    apply(work / "params.yaml", overrides)
     timed(["digitflow", "preprocess"], work)
     runs = []
     for seed in args.seeds:
-        apply(work / "params.yaml", {"train.seed": seed})
+        apply_params(work / "params.yaml", {"train.seed": seed})
         train_wall, _ = timed(["digitflow", "train"], work, env)
         timed(["digitflow", "evaluate"], work, env)
         trained = json.loads((work / "reports" / "train_metrics.json").read_text())

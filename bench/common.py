@@ -60,21 +60,26 @@ def write_result(name: str, figures: dict) -> Path:
     return path
 
 
-def project_copy(name: str, overrides: dict | None = None) -> Path:
-    """A fresh clone of this repository under bench/.work/NAME with the dataset ingested."""
+def apply_params(params_file: Path, overrides: dict) -> None:
+    """Set 'section.key' values in a params.yaml (what `dvc exp run -S` does)."""
     import yaml
 
+    raw = yaml.safe_load(params_file.read_text())
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".", 1)
+        raw[section][key] = value
+    params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def project_copy(name: str, overrides: dict | None = None) -> Path:
+    """A fresh clone of this repository under bench/.work/NAME with the dataset ingested."""
     work = REPO / "bench" / ".work" / name
     if work.exists():
         shutil.rmtree(work)
     work.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run(["git", "clone", "-q", str(REPO), str(work)], check=True)
     if overrides:
-        raw = yaml.safe_load((work / "params.yaml").read_text())
-        for dotted, value in overrides.items():
-            section, key = dotted.split(".", 1)
-            raw[section][key] = value
-        (work / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+        apply_params(work / "params.yaml", overrides)
     source = os.environ.get("DIGITFLOW_MNIST_SOURCE") or str(REPO / "data" / "mnist")
     timed(["digitflow", "ingest", "--source", source], work)
     return work

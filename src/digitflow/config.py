@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -228,7 +227,7 @@ class Paths:
     def mlflow_dir(self) -> Path:
         return self.root / "mlflow"
 
-    @cached_property
+    @property
     def default_tracking_uri(self) -> str:
         return f"sqlite:///{self.mlflow_dir / 'mlflow.db'}"
 
