@@ -361,6 +361,159 @@ def rollback(
     console.print(f"champion: {before} -> {after} (rollback: {escape(reason)})")
 
 
+ModelUriOption = Annotated[
+    str | None,
+    typer.Option(
+        "--model-uri",
+        help="Any MLflow model URI (runs:/ID/model, models:/NAME/3). Default: models:/NAME@champion.",
+    ),
+]
+
+
+def _model_uri(params: Params, model_uri: str | None) -> str:
+    from .inference import champion_uri
+
+    return model_uri or champion_uri(params)
+
+
+@app.command()
+def predict(
+    targets: Annotated[
+        list[Path],
+        typer.Argument(help="Image files (PNG, JPG, ...) and/or folders to search for them."),
+    ],
+    model_uri: ModelUriOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    root: RootOption = None,
+) -> None:
+    """Digit, probability and top three for each image; dark-on-light and light-on-dark both work.
+
+    Exits 1 when any file could not be read as a digit (the others are still predicted).
+    """
+    from rich.table import Table
+
+    from . import tracking
+    from .predict import ModelNotFound, as_records, collect_images, load_model, predict_files
+
+    project, params = _setup(root)
+    tracking.configure(project, params)
+    files = collect_images(targets)
+    if not files:
+        _fail("no image files found in " + ", ".join(str(t) for t in targets))
+    uri = _model_uri(params, model_uri)
+    try:
+        with _tracking_guard(project):
+            model = load_model(uri)
+    except ModelNotFound as exc:
+        _fail(str(exc))
+    records = as_records(predict_files(model, files))
+    failed = sum(1 for record in records if record["error"])
+    if as_json:
+        print(json.dumps(records, indent=2))
+    else:
+        table = Table(title=f"{len(records)} image(s), model {uri}")
+        for column in ("file", "digit", "probability", "top 3 / error"):
+            table.add_column(column)
+        for record in records:
+            if record["error"]:
+                table.add_row(
+                    escape(record["file"]), "[red]-[/]", "", f"[red]{escape(record['error'])}[/]"
+                )
+                continue
+            top3 = "  ".join(f"{t['digit']}: {t['probability']:.3f}" for t in record["top3"])
+            table.add_row(
+                escape(record["file"]),
+                f"[bold]{record['digit']}[/]",
+                f"{record['probability']:.3f}",
+                top3,
+            )
+        console.print(table)
+    if failed:
+        console.print(
+            f"[red]{failed} of {len(records)} file(s) could not be predicted[/]", highlight=False
+        )
+        raise typer.Exit(1)
+
+
+@app.command()
+def serve(
+    host: Annotated[
+        str | None, typer.Option(help="Interface to bind (default: serve.host, 127.0.0.1).")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: serve.port).")] = None,
+    model_uri: Annotated[
+        str | None,
+        typer.Option(
+            "--model-uri",
+            help="Serve this model only, never reloaded. Default: the champion, reloaded when its alias moves.",
+        ),
+    ] = None,
+    root: RootOption = None,
+) -> None:
+    """HTTP API (POST /predict, GET /health, /docs) and a drawing page at / for the champion."""
+    from . import tracking
+    from .predict import ModelNotFound
+    from .serving import ChampionHolder, FixedModel
+    from .serving import serve as run_server
+
+    project, params = _setup(root)
+    tracking.configure(project, params)
+    settings = params.serve
+    try:
+        with _tracking_guard(project):
+            if model_uri:
+                holder = FixedModel(model_uri)
+            else:
+                holder = ChampionHolder(
+                    params.mlflow.registered_model, "champion", settings.reload_interval_s
+                )
+                holder.refresh()
+    except ModelNotFound as exc:
+        _fail(str(exc))
+    except Exception as exc:  # MLflow: no such model or alias
+        _fail(
+            f"cannot load the model to serve: {getattr(exc, 'message', exc)} (run `digitflow run` first)"
+        )
+    bind_host, bind_port = host or settings.host, port or settings.port
+    console.print(
+        f"drawing page: http://{bind_host}:{bind_port}/   API docs: http://{bind_host}:{bind_port}/docs"
+    )
+    run_server(holder, settings, bind_host, bind_port)
+
+
+@app.command()
+def show(
+    count: Annotated[int, typer.Option(min=1, max=120, help="How many test images.")] = 24,
+    errors: Annotated[
+        bool, typer.Option("--errors", help="Show only misclassified test images.")
+    ] = False,
+    output: Annotated[
+        Path | None,
+        typer.Option(help="PNG to write (default: reports/plots/champion_predictions.png)."),
+    ] = None,
+    model_uri: ModelUriOption = None,
+    root: RootOption = None,
+) -> None:
+    """The tutorial's picture: test images with predicted and true labels, wrong ones in red."""
+    from . import tracking
+    from .predict import ModelNotFound
+    from .predict import show as run_show
+
+    project, params = _setup(root)
+    tracking.configure(project, params)
+    target = output or project.reports / "plots" / "champion_predictions.png"
+    try:
+        with _tracking_guard(project):
+            result = run_show(project, params, _model_uri(params, model_uri), count, target, errors)
+    except ModelNotFound as exc:
+        _fail(str(exc))
+    except FileNotFoundError as exc:
+        _fail(f"{exc} (run `digitflow ingest` or `dvc pull data.dvc` first)")
+    console.print(
+        f"[bold]show[/] {result.shown} test images, {result.wrong} wrong -> {result.path}"
+    )
+
+
 def main() -> None:
     """Entry point for `python -m digitflow`."""
     app()

@@ -101,6 +101,16 @@ class PromotionParams(_Strict):
     min_delta: float = Field(ge=0, le=1)
 
 
+class ServeParams(_Strict):
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    reload_interval_s: float = Field(gt=0)
+    max_upload_bytes: int = Field(gt=0)
+    max_batch: int = Field(ge=1)
+    ink_threshold: float = Field(gt=0, lt=1)
+    min_contrast: float = Field(gt=0, lt=1)
+
+
 class Params(_Strict):
     data: DataParams
     validate_: ValidateParams = Field(alias="validate")
@@ -109,6 +119,7 @@ class Params(_Strict):
     train: TrainParams
     mlflow: MlflowParams
     promotion: PromotionParams
+    serve: ServeParams
 
 
 def _format_errors(error: ValidationError) -> str:
@@ -252,6 +263,7 @@ def set_environment_defaults() -> None:
         "TF_ENABLE_ONEDNN_OPTS": "1",
         "TF_CPP_MIN_LOG_LEVEL": "2",
         "GIT_PYTHON_REFRESH": "quiet",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)

@@ -117,12 +117,11 @@ def _audit(name: str, action: str, **details: str) -> None:
 
 def score_version(paths: Paths, name: str, version: str) -> float:
     """Test accuracy of a registered version on the current processed test set."""
-    import mlflow
-
     from .evaluate import score
+    from .inference import keras_model_of
     from .preprocess import load_split
 
-    model = mlflow.keras.load_model(f"models:/{name}/{version}")
+    model = keras_model_of(f"models:/{name}/{version}")
     return score(model, load_split(paths, "test")).accuracy
 
 

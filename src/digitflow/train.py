@@ -14,7 +14,7 @@ import keras
 import numpy as np
 import pandas as pd
 
-from . import plots, tracking
+from . import inference, plots, tracking
 from .config import NUM_CLASSES, Params, Paths, TrainParams
 from .model import build_model
 from .preprocess import load_split
@@ -106,24 +106,6 @@ def _history_frame(history: keras.callbacks.History) -> pd.DataFrame:
     return frame
 
 
-def _log_model(model: keras.Model, sample: np.ndarray) -> str:
-    import tensorflow as tf
-    from mlflow.models import infer_signature
-
-    import mlflow
-
-    signature = infer_signature(sample, model.predict(sample, verbose=0))
-    requirements = [
-        f"tensorflow-cpu=={tf.__version__}",
-        f"keras=={keras.__version__}",
-        f"mlflow=={mlflow.__version__}",
-    ]
-    info = mlflow.keras.log_model(
-        model, name="model", signature=signature, pip_requirements=requirements
-    )
-    return info.model_uri
-
-
 def train(paths: Paths, params: Params) -> TrainResult:
     """processed arrays -> model.keras, history, curves, and an MLflow run holding them all."""
     import mlflow
@@ -177,7 +159,7 @@ def train(paths: Paths, params: Params) -> TrainResult:
         with writing(paths.model_file):
             paths.model_dir.mkdir(parents=True, exist_ok=True)
             model.save(paths.model_file)
-        model_uri = _log_model(model, val.x[:2])
+        model_uri = inference.log_model(paths.model_file, params)
         best_epoch = int(frame["val_loss"].idxmin())
         metrics = {
             "best_epoch": best_epoch + 1,

@@ -1,0 +1,155 @@
+"""The logged model: a pyfunc that takes raw image files and applies MNIST preprocessing itself.
+
+Any MLflow consumer (`mlflow.pyfunc.load_model`, `mlflow models serve`, `digitflow predict`,
+`digitflow serve`) sends encoded image bytes in an `image` column and gets back one row per
+image: the digit, its probability, all ten probabilities, and an error message for images that
+could not be read (those rows have digit -1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
+
+import mlflow
+
+from .config import NUM_CLASSES, Params, ServeParams
+from .imaging import ImageError, InkSettings, prepare
+
+IMAGE_COLUMN = "image"
+PROBABILITY_COLUMNS = [f"p{digit}" for digit in range(NUM_CLASSES)]
+KERAS_ARTIFACT = "keras_model"
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("binary", IMAGE_COLUMN)]),
+    outputs=Schema(
+        [
+            ColSpec("long", "digit"),
+            ColSpec("double", "probability"),
+            *[ColSpec("double", name) for name in PROBABILITY_COLUMNS],
+            ColSpec("string", "error"),
+        ]
+    ),
+)
+
+
+def ink_settings(serve: ServeParams) -> InkSettings:
+    """The preprocessing settings from params.yaml's serve section."""
+    return InkSettings(threshold=serve.ink_threshold, min_contrast=serve.min_contrast)
+
+
+def prepare_batch(images: Sequence[bytes], ink: InkSettings) -> tuple[np.ndarray, list[str]]:
+    """Encoded images -> model input (n, 28, 28, 1) and one error message per image ('' = fine)."""
+    batch = np.zeros((len(images), 28, 28, 1), dtype=np.float32)
+    errors = []
+    for index, data in enumerate(images):
+        try:
+            batch[index, ..., 0] = prepare(bytes(data), ink)
+            errors.append("")
+        except ImageError as exc:
+            errors.append(str(exc))
+    return batch, errors
+
+
+def classify(keras_model, images: Sequence[bytes], ink: InkSettings) -> pd.DataFrame:
+    """Encoded images -> one row per image: digit, probability, p0..p9, error."""
+    batch, errors = prepare_batch(images, ink)
+    good = np.array([not message for message in errors], dtype=bool)
+    probabilities = np.full((len(images), NUM_CLASSES), np.nan)
+    if good.any():
+        probabilities[good] = keras_model.predict(batch[good], verbose=0)
+    known = np.nan_to_num(probabilities, nan=-1.0)
+    frame = pd.DataFrame(probabilities, columns=PROBABILITY_COLUMNS)
+    frame.insert(0, "digit", np.where(good, known.argmax(axis=1), -1).astype(np.int64))
+    frame.insert(1, "probability", np.where(good, known.max(axis=1), np.nan))
+    frame["error"] = errors
+    return frame
+
+
+def top_k(row: pd.Series, k: int = 3) -> list[tuple[int, float]]:
+    """The k most likely digits of one result row, most likely first."""
+    probabilities = row[PROBABILITY_COLUMNS].to_numpy(dtype=float)
+    order = np.argsort(-probabilities)[:k]
+    return [(int(digit), float(probabilities[digit])) for digit in order]
+
+
+class DigitClassifier(mlflow.pyfunc.PythonModel):
+    """Raw image files in, digits out: MNIST preprocessing plus the trained Keras CNN."""
+
+    def __init__(self, ink: InkSettings) -> None:
+        self.ink = asdict(ink)
+        self.keras_model = None
+
+    def load_context(self, context) -> None:
+        """Load the Keras model stored beside this wrapper."""
+        import keras
+
+        self.keras_model = keras.models.load_model(context.artifacts[KERAS_ARTIFACT])
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        """DataFrame with an `image` column of encoded image bytes -> one result row per image."""
+        frame = pd.DataFrame(model_input)
+        if IMAGE_COLUMN not in frame.columns:
+            raise ValueError(f"expected a column named {IMAGE_COLUMN!r} of encoded image bytes")
+        return classify(self.keras_model, list(frame[IMAGE_COLUMN]), InkSettings(**self.ink))
+
+
+def requirements() -> list[str]:
+    """Pinned requirements of the logged model (explicit: inference of them costs ~15 s)."""
+    import keras
+    import PIL
+    import tensorflow as tf
+
+    return [
+        f"tensorflow-cpu=={tf.__version__}",
+        f"keras=={keras.__version__}",
+        f"mlflow=={mlflow.__version__}",
+        f"pillow=={PIL.__version__}",
+        f"numpy=={np.__version__}",
+        f"pandas=={pd.__version__}",
+        f"pydantic=={__import__('pydantic').__version__}",
+        f"pyyaml=={__import__('yaml').__version__}",
+    ]
+
+
+def log_model(keras_file: Path, params: Params) -> str:
+    """Log the Keras file wrapped with its preprocessing as the run's `model`; returns its URI."""
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        python_model=DigitClassifier(ink_settings(params.serve)),
+        artifacts={KERAS_ARTIFACT: str(keras_file)},
+        code_paths=[str(PACKAGE_DIR)],
+        signature=SIGNATURE,
+        pip_requirements=requirements(),
+    )
+    return info.model_uri
+
+
+def load(model_uri: str) -> mlflow.pyfunc.PyFuncModel:
+    """A logged or registered model (for example models:/NAME@champion) as a pyfunc."""
+    return mlflow.pyfunc.load_model(model_uri)
+
+
+def unwrap_keras(loaded: mlflow.pyfunc.PyFuncModel, model_uri: str):
+    """The Keras model inside a loaded pyfunc (older versions were logged with mlflow.keras)."""
+    try:
+        return loaded.unwrap_python_model().keras_model
+    except Exception:  # logged with the keras flavour: there is no python_model to unwrap
+        return mlflow.keras.load_model(model_uri)
+
+
+def keras_model_of(model_uri: str):
+    """The Keras model of a logged or registered model."""
+    return unwrap_keras(load(model_uri), model_uri)
+
+
+def champion_uri(params: Params, alias: str = "champion") -> str:
+    """models:/NAME@champion for the registered model named in params."""
+    return f"models:/{params.mlflow.registered_model}@{alias}"

@@ -1,0 +1,271 @@
+"""`digitflow serve`: the champion over HTTP (FastAPI), reloaded when the champion alias moves.
+
+POST /predict takes image files (multipart) or a JSON batch of base64-encoded files, GET /health
+says which version answers, GET / is a page to draw digits on, /docs and /openapi.json describe it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib.resources import files
+from typing import Any
+
+import pandas as pd
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from . import inference
+from .config import ServeParams
+
+PAGE = "static/draw.html"
+
+
+@dataclass(frozen=True)
+class Served:
+    """The model answering requests and where it came from."""
+
+    model: Any
+    uri: str
+    version: str
+    loaded_at: float
+
+
+class ChampionHolder:
+    """Keeps the model behind an alias loaded, and swaps in a new one when the alias moves."""
+
+    def __init__(self, name: str, alias: str, interval_s: float) -> None:
+        self.name, self.alias, self.interval_s = name, alias, interval_s
+        self._served: Served | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.last_error = ""
+
+    @property
+    def served(self) -> Served:
+        if self._served is None:
+            raise RuntimeError("no model loaded")
+        return self._served
+
+    def _alias_version(self) -> str:
+        import mlflow
+
+        client = mlflow.MlflowClient()
+        return str(client.get_model_version_by_alias(self.name, self.alias).version)
+
+    def refresh(self) -> bool:
+        """Load the alias's version if it is not the one served; True when it changed."""
+        version = self._alias_version()
+        if self._served is not None and self._served.version == version:
+            return False
+        uri = f"models:/{self.name}/{version}"
+        served = Served(inference.load(uri), uri, version, time.time())
+        with self._lock:
+            self._served = served
+        print(f"serving {self.name} version {version} (@{self.alias})", flush=True)
+        return True
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.refresh()
+                self.last_error = ""
+            except Exception as exc:  # keep serving the loaded model; report on /health
+                self.last_error = f"{exc.__class__.__name__}: {exc}"
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._watch, name="champion-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class FixedModel:
+    """A model given by URI (--model-uri): loaded once, never swapped."""
+
+    def __init__(self, uri: str) -> None:
+        self.served = Served(inference.load(uri), uri, uri, time.time())
+        self.name, self.alias, self.last_error = uri, "", ""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class Base64Batch(BaseModel):
+    """A JSON batch: each item is a whole image file (PNG, JPG, ...) encoded as base64."""
+
+    images: list[str] = Field(description="base64-encoded image files", min_length=1)
+
+
+class Prediction(BaseModel):
+    index: int
+    filename: str | None = None
+    digit: int
+    probability: float
+    probabilities: list[float] = Field(description="one per digit 0..9")
+
+
+class PredictResponse(BaseModel):
+    model_version: str
+    model_uri: str
+    predictions: list[Prediction]
+
+
+def _request_body_docs() -> dict:
+    """OpenAPI description of the two accepted bodies (the handler parses them itself)."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "file": {
+                                "type": "array",
+                                "items": {"type": "string", "format": "binary"},
+                                "description": "one or more image files (any field name works)",
+                            }
+                        },
+                    }
+                },
+                "application/json": {"schema": Base64Batch.model_json_schema()},
+            },
+        }
+    }
+
+
+async def _read_images(request: Request, limits: ServeParams) -> list[tuple[str | None, bytes]]:
+    """The (filename, bytes) items of a request; 4xx with a reason for anything malformed."""
+    length = request.headers.get("content-length")
+    if length is None:
+        raise HTTPException(411, "send a Content-Length header")
+    if int(length) > limits.max_upload_bytes:
+        raise HTTPException(
+            413, f"request of {int(length):,} bytes is over the {limits.max_upload_bytes:,} limit"
+        )
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind == "multipart/form-data":
+        form = await request.form(max_files=limits.max_batch + 1, max_fields=limits.max_batch + 1)
+        items = [
+            (value.filename, await value.read())
+            for _, value in form.multi_items()
+            if hasattr(value, "read")
+        ]
+    elif kind == "application/json":
+        try:
+            batch = Base64Batch.model_validate_json(await request.body())
+        except ValueError as exc:
+            raise HTTPException(422, f"expected {{'images': [base64, ...]}}: {exc}") from None
+        items = [(None, _decode_base64(index, text)) for index, text in enumerate(batch.images)]
+    else:
+        raise HTTPException(
+            415, "send image files as multipart/form-data or a JSON batch as application/json"
+        )
+    if not items:
+        raise HTTPException(400, "no image in the request")
+    if len(items) > limits.max_batch:
+        raise HTTPException(413, f"{len(items)} images; at most {limits.max_batch} per request")
+    return items
+
+
+def _decode_base64(index: int, text: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise HTTPException(422, f"image {index}: not valid base64") from None
+
+
+def _label(index: int, filename: str | None) -> str:
+    return f"image {index}" + (f" ({filename})" if filename else "")
+
+
+def create_app(holder: ChampionHolder | FixedModel, limits: ServeParams) -> FastAPI:
+    """The HTTP API and the drawing page around a model holder."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        holder.start()
+        yield
+        holder.stop()
+
+    app = FastAPI(
+        lifespan=lifespan,
+        title="digitflow",
+        summary="Handwritten digit recognition with the registry's champion model.",
+        version="1",
+    )
+    page = files("digitflow").joinpath(PAGE).read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse, summary="A page to draw a digit on")
+    def draw_page() -> str:
+        return page
+
+    @app.get("/health", summary="Status and the model version being served")
+    def health() -> dict:
+        served = holder.served
+        return {
+            "status": "ok",
+            "model": holder.name,
+            "alias": holder.alias,
+            "version": served.version,
+            "model_uri": served.uri,
+            "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(served.loaded_at)),
+            "reload_error": holder.last_error or None,
+        }
+
+    @app.post(
+        "/predict",
+        response_model=PredictResponse,
+        summary="Digits in one or more images",
+        openapi_extra=_request_body_docs(),
+        responses={
+            400: {"description": "no image in the request"},
+            413: {"description": "request too large or too many images"},
+            415: {"description": "unsupported content type"},
+            422: {"description": "an item is not an image, not base64, or has no ink"},
+        },
+    )
+    async def predict(request: Request) -> PredictResponse:
+        items = await _read_images(request, limits)
+        served = holder.served
+        frame = pd.DataFrame({inference.IMAGE_COLUMN: [data for _, data in items]})
+        results = await run_in_threadpool(served.model.predict, frame)
+        for index, (filename, _) in enumerate(items):
+            if results["error"][index]:
+                raise HTTPException(422, f"{_label(index, filename)}: {results['error'][index]}")
+        return PredictResponse(
+            model_version=served.version,
+            model_uri=served.uri,
+            predictions=[
+                Prediction(
+                    index=index,
+                    filename=filename,
+                    digit=int(results["digit"][index]),
+                    probability=float(results["probability"][index]),
+                    probabilities=[
+                        float(p) for p in results.loc[index, inference.PROBABILITY_COLUMNS]
+                    ],
+                )
+                for index, (filename, _) in enumerate(items)
+            ],
+        )
+
+    return app
+
+
+def serve(holder: ChampionHolder | FixedModel, limits: ServeParams, host: str, port: int) -> None:
+    """Run the API with uvicorn until interrupted."""
+    import uvicorn
+
+    uvicorn.run(create_app(holder, limits), host=host, port=port, log_level="info")
