@@ -103,3 +103,46 @@ def load_module(path: Path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (127.0.0.1)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+SERVING_SLICE = {
+    ("data", "max_train_samples"): 8000,
+    ("data", "max_test_samples"): 1000,
+    ("model", "architecture"): "seed_cnn",
+    ("train", "epochs"): 2,
+    ("train", "lr_schedule"): "constant",
+    ("promotion", "min_accuracy"): 0.3,
+    ("serve", "reload_interval_s"): 1,
+    ("serve", "max_batch"): 8,
+    ("serve", "max_upload_bytes"): 2_000_000,
+}
+
+
+@pytest.fixture(scope="session")
+def champion(tmp_path_factory: pytest.TempPathFactory, ingested: Paths) -> Paths:
+    """A slice project with a model trained, evaluated and registered: version 1 is champion."""
+    from test_pipeline import set_params
+
+    from digitflow.evaluate import evaluate
+    from digitflow.preprocess import preprocess
+    from digitflow.registry import register
+    from digitflow.train import train
+
+    paths = make_project(tmp_path_factory.mktemp("champion") / "project")
+    set_params(paths, SERVING_SLICE)
+    shutil.copytree(ingested.raw, paths.raw)
+    params = load_params(paths.params)
+    preprocess(paths, params)
+    train(paths, params)
+    evaluate(paths, params)
+    assert register(paths, params).promoted
+    return paths

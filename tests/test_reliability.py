@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, make_project, run, tree_digest
+from conftest import REPO, free_port, make_project, run, tree_digest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mirror import serve
@@ -343,21 +343,13 @@ def test_tracking_server_down_fails_fast_and_clearly(trained: Paths) -> None:
     assert _registry(trained) == before
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_tracking_server_stopping_mid_run(tmp_path: Path, trained: Paths) -> None:
     """A real `mlflow server` dies during training: retries, a clear failure, no registry change."""
     import requests
 
     import mlflow
 
-    port, store = _free_port(), tmp_path / "server"
+    port, store = free_port(), tmp_path / "server"
     store.mkdir()
     backend = f"sqlite:///{store / 'mlflow.db'}"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}

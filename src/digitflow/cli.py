@@ -21,7 +21,7 @@ from .config import (
     paths,
     set_environment_defaults,
 )
-from .console import console
+from .console import console, errors
 
 set_environment_defaults()
 
@@ -429,8 +429,8 @@ def predict(
             )
         console.print(table)
     if failed:
-        console.print(
-            f"[red]{failed} of {len(records)} file(s) could not be predicted[/]", highlight=False
+        (errors if as_json else console).print(
+            f"[red]{failed} of {len(records)} file(s) could not be predicted[/]"
         )
         raise typer.Exit(1)
 

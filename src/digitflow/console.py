@@ -18,6 +18,7 @@ from rich.progress import (
 from .sources import ProgressHook
 
 console = Console(highlight=False, soft_wrap=True)
+errors = Console(highlight=False, soft_wrap=True, stderr=True)
 
 
 @contextmanager

@@ -8,6 +8,7 @@ could not be read (those rows have digit -1).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -121,6 +122,8 @@ def requirements() -> list[str]:
 
 def log_model(keras_file: Path, params: Params) -> str:
     """Log the Keras file wrapped with its preprocessing as the run's `model`; returns its URI."""
+    # The signature describes the input; an example of raw image bytes would only add a file.
+    warnings.filterwarnings("ignore", message=".*An input example was not provided")
     info = mlflow.pyfunc.log_model(
         name="model",
         python_model=DigitClassifier(ink_settings(params.serve)),

@@ -25,6 +25,9 @@ TAG_HOST = "digitflow.host"
 CREDENTIALS_IN_URL = re.compile(r"://[^/@\s'\"]+@")
 
 
+URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
 class TrackingError(RuntimeError):
     """The MLflow tracking server could not be reached, even after retries."""
 
@@ -42,6 +45,24 @@ def _http_settings(params: Params) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(settings.http_timeout_s)))
 
 
+def _point_mlflow_at(uri: str) -> None:
+    """Set MLflow's tracking and registry URIs for this process only.
+
+    MLflow also exports them to os.environ, which would make every later project configured in
+    this process, and every child process, use this store; the environment is put back.
+    """
+    import mlflow
+
+    exported = {name: os.environ.get(name) for name in URI_VARIABLES}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    for name, value in exported.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 def configure(paths: Paths, params: Params) -> str:
     """Point MLflow at the store and make sure the experiment exists; returns its id."""
     import mlflow
@@ -50,8 +71,7 @@ def configure(paths: Paths, params: Params) -> str:
     uri = tracking_uri(paths)
     if uri.startswith("sqlite:///"):
         paths.mlflow_dir.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    _point_mlflow_at(uri)
     with unavailable_as_error(uri):
         experiment = mlflow.get_experiment_by_name(params.mlflow.experiment)
         if experiment is not None:

@@ -1,0 +1,88 @@
+"""Prediction's preprocessing: any picture of a digit becomes an MNIST-style 28x28 input."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from paper import on_paper
+from PIL import Image
+
+from digitflow.idx import read_images
+from digitflow.imaging import ImageError, encode_png, prepare, prepare_array
+
+
+@pytest.fixture(scope="module")
+def digits(mnist_source) -> np.ndarray:
+    return read_images(mnist_source / "t10k-images-idx3-ubyte.gz")[:200]
+
+
+def _correlation(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+
+def test_mnist_digits_pass_through_almost_unchanged(digits) -> None:
+    """MNIST was made with this recipe, so its own digits come back nearly identical."""
+    correlations = [_correlation(prepare_array(d), d / 255.0) for d in digits]
+    assert np.median(correlations) > 0.99
+    assert np.quantile(correlations, 0.05) > 0.95
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_ink_on_paper_of_any_size_and_position_becomes_mnist_like(digits, fmt) -> None:
+    rng = np.random.default_rng(7)
+    prepared = [prepare(on_paper(d, rng, fmt)) for d in digits]
+    correlations = [_correlation(p, d / 255.0) for p, d in zip(prepared, digits, strict=True)]
+    assert np.median(correlations) > 0.93
+    for image in prepared:
+        assert image.shape == (28, 28) and image.dtype == np.float32
+        assert image.min() >= 0.0 and image.max() <= 1.0
+        rows, cols = np.indices(image.shape)
+        mass = image.sum()
+        assert abs((rows * image).sum() / mass - 14) < 1.5
+        assert abs((cols * image).sum() / mass - 14) < 1.5
+
+
+def test_digit_is_scaled_into_a_20_pixel_box_keeping_its_aspect() -> None:
+    tall = np.full((300, 200), 255, dtype=np.uint8)
+    tall[50:250, 90:110] = 0  # a dark vertical bar, 200 x 20 pixels, on white
+    image = prepare(encode_png(tall))
+    rows = np.flatnonzero((image > 0.5).any(axis=1))
+    cols = np.flatnonzero((image > 0.5).any(axis=0))
+    assert 19 <= rows[-1] - rows[0] + 1 <= 20
+    assert 1 <= cols[-1] - cols[0] + 1 <= 3
+
+
+def test_colour_and_transparent_images_work(digits) -> None:
+    rgb = np.stack([255 - digits[0]] * 3, axis=-1)
+    rgb[..., 2] = 255  # bluish paper, dark-blue ink
+    from_colour = prepare(encode_png(rgb))
+    rgba = np.zeros((28, 28, 4), dtype=np.uint8)
+    rgba[..., 3] = digits[0]  # black ink drawn on a transparent background
+    from_alpha = prepare(encode_png(rgba))
+    for image in (from_colour, from_alpha):
+        assert _correlation(image, digits[0] / 255.0) > 0.95
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        (b"", "empty file"),
+        (b"%PDF-1.4 not an image", "not an image"),
+        (encode_png(np.full((64, 64), 255, dtype=np.uint8)), "no ink"),
+        (encode_png(np.full((64, 64), 9, dtype=np.uint8)), "no ink"),
+        (encode_png(np.array([[255]], dtype=np.uint8)), "no ink"),
+    ],
+    ids=["empty", "not-an-image", "blank-white", "blank-black", "one-pixel"],
+)
+def test_unusable_input_is_named(data: bytes, problem: str) -> None:
+    with pytest.raises(ImageError, match=problem):
+        prepare(data)
+
+
+def test_truncated_file_is_a_damaged_image(digits) -> None:
+    buffer = io.BytesIO()
+    Image.fromarray(255 - digits[1]).resize((200, 200)).save(buffer, format="JPEG")
+    with pytest.raises(ImageError, match="damaged image|not an image"):
+        prepare(buffer.getvalue()[:300])
