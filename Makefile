@@ -6,7 +6,7 @@ BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 UI_PORT ?= 5000
 
-.PHONY: help install run test lint format ui repro clean bench-overhead bench-throughput bench-noop bench-validation bench-accuracy
+.PHONY: help install run test lint format ui repro clean bench-overhead bench-throughput bench-noop bench-validation bench-accuracy bench-serving
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -54,6 +54,9 @@ bench-validation: install  ## `digitflow validate` on all 70,000 images
 bench-accuracy: install  ## Test accuracy and training time over three seeds, both models
 	python bench/accuracy.py --preset digit_cnn --seeds 1 2 3
 	python bench/accuracy.py --preset seed_cnn --seeds 1 2 3
+
+bench-serving: install  ## HTTP latency (p50/p99) and batch throughput of the served model vs model.predict
+	python bench/serving.py
 
 clean:  ## Remove pipeline outputs (keeps data/, the MLflow store and .venv)
 	rm -rf artifacts reports

@@ -12,7 +12,7 @@ from conftest import make_project, run
 
 from digitflow.dataset import Split, dataset_frame, load_raw
 from digitflow.idx import write_idx
-from digitflow.validation import run_suites
+from digitflow.validation import validate_frame
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def raw(ingested, params) -> dict[str, Split]:
 
 
 def _failures(raw: dict[str, Split], params) -> set[tuple[str, str, str | None]]:
-    report = run_suites(dataset_frame(raw, params.validate_.ink_threshold), params.validate_, None)
+    report = validate_frame(dataset_frame(raw, params.validate_.ink_threshold), params.validate_)
     return {(o.suite, o.expectation, o.column) for o in report.failures}
 
 

@@ -8,7 +8,14 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 PARAMS_FILE = "params.yaml"
 SOURCE_ENV = "DIGITFLOW_MNIST_SOURCE"
@@ -111,6 +118,27 @@ class ServeParams(_Strict):
     min_contrast: float = Field(gt=0, lt=1)
 
 
+class InboxParams(_Strict):
+    dir: str = Field(min_length=1)
+    quarantine_dir: str = Field(min_length=1)
+    max_batch_images: int = Field(ge=1)
+
+
+class ScheduleParams(_Strict):
+    deployment: str = Field(min_length=1)
+    cron: str = Field(min_length=1)
+    timezone: str = Field(min_length=1)
+
+    @field_validator("cron")
+    @classmethod
+    def _five_fields(cls, value: str) -> str:
+        if len(value.split()) != 5:
+            raise ValueError(
+                f"expected a 5-field cron expression such as '0 3 * * *', got {value!r}"
+            )
+        return value
+
+
 class Params(_Strict):
     data: DataParams
     validate_: ValidateParams = Field(alias="validate")
@@ -120,6 +148,8 @@ class Params(_Strict):
     mlflow: MlflowParams
     promotion: PromotionParams
     serve: ServeParams
+    inbox: InboxParams
+    schedule: ScheduleParams
 
 
 def _format_errors(error: ValidationError) -> str:
@@ -179,6 +209,15 @@ class Paths:
         return self.data / "mnist"
 
     @property
+    def batches(self) -> Path:
+        """Labelled batches admitted from the inbox (one .npz each, plus manifest.csv)."""
+        return self.data / "batches"
+
+    @property
+    def manifest(self) -> Path:
+        return self.batches / "manifest.csv"
+
+    @property
     def data_dvc(self) -> Path:
         return self.root / "data.dvc"
 
@@ -233,6 +272,17 @@ class Paths:
     @property
     def promotion_report(self) -> Path:
         return self.reports / "promotion.json"
+
+    @property
+    def last_run(self) -> Path:
+        """What the latest pipeline run did (written by the flow, also when it trained nothing)."""
+        return self.reports / "last_run.json"
+
+    def inbox(self, params: Params) -> Path:
+        return self.root / params.inbox.dir
+
+    def quarantine(self, params: Params) -> Path:
+        return self.root / params.inbox.quarantine_dir
 
     @property
     def mlflow_dir(self) -> Path:

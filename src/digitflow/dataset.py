@@ -36,9 +36,33 @@ def load_folder(folder: Path, params: DataParams) -> dict[str, Split]:
     return splits
 
 
+def stored_batches(paths: Paths) -> list[Path]:
+    """Admitted inbox batches in data/batches, oldest first (file names start with a timestamp)."""
+    return sorted(paths.batches.glob("*.npz")) if paths.batches.is_dir() else []
+
+
+def read_batch_file(path: Path) -> Split:
+    """One admitted batch: images (n, 28, 28) uint8 and labels (n,) uint8."""
+    with np.load(path, allow_pickle=False) as stored:
+        return Split(stored["images"], stored["labels"])
+
+
+def batch_rows(paths: Paths) -> int:
+    """How many training images the admitted batches add."""
+    return sum(len(read_batch_file(path).labels) for path in stored_batches(paths))
+
+
 def load_raw(paths: Paths, params: DataParams) -> dict[str, Split]:
-    """Read both splits from data/ without changing anything."""
-    return load_folder(paths.raw, params)
+    """Both splits from data/ (MNIST, plus admitted batches appended to train), read-only."""
+    raw = load_folder(paths.raw, params)
+    extra = [read_batch_file(path) for path in stored_batches(paths)]
+    if extra:
+        train = raw["train"]
+        raw["train"] = Split(
+            np.concatenate([train.images, *(batch.images for batch in extra)]),
+            np.concatenate([train.labels, *(batch.labels for batch in extra)]),
+        )
+    return raw
 
 
 def pixel_hashes(images: np.ndarray) -> list[str]:

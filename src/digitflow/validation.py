@@ -13,7 +13,7 @@ from typing import Any
 import pandas as pd
 
 from .config import NUM_CLASSES, SPLITS, Params, Paths, ValidateParams
-from .dataset import class_shares, dataset_frame, load_folder, load_raw, split_files
+from .dataset import batch_rows, class_shares, dataset_frame, load_folder, load_raw, split_files
 
 LABELS = list(range(NUM_CLASSES))
 DOCS_SITE = "digitflow_docs"
@@ -59,8 +59,8 @@ class ValidationReport:
         }
 
 
-def split_expectations(split: str, params: ValidateParams) -> list[Any]:
-    """The expectations every split must meet."""
+def split_expectations(split: str, params: ValidateParams, extra_rows: int = 0) -> list[Any]:
+    """The expectations every split must meet (extra_rows: admitted inbox images in it)."""
     import great_expectations.expectations as gxe
 
     expectations: list[Any] = [
@@ -86,7 +86,7 @@ def split_expectations(split: str, params: ValidateParams) -> list[Any]:
     ]
     expected_rows = getattr(params.expected_rows, split)
     if expected_rows is not None:
-        expectations.insert(0, gxe.ExpectTableRowCountToEqual(value=expected_rows))
+        expectations.insert(0, gxe.ExpectTableRowCountToEqual(value=expected_rows + extra_rows))
     return expectations
 
 
@@ -143,10 +143,26 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def run_suites(
-    frame: pd.DataFrame, params: ValidateParams, docs_dir: Path | None
-) -> ValidationReport:
-    """Validate the per-image frame with Great Expectations; optionally build Data Docs."""
+Suites = dict[str, tuple[pd.DataFrame, list[Any]]]
+
+
+def dataset_suites(
+    frame: pd.DataFrame, params: ValidateParams, extra_train_rows: int = 0
+) -> Suites:
+    """The dataset's suites: one per split, plus class balance, each with the frame it checks."""
+    suites: Suites = {
+        f"mnist_{split}": (
+            frame[frame.split == split],
+            split_expectations(split, params, extra_train_rows if split == "train" else 0),
+        )
+        for split in SPLITS
+    }
+    suites["mnist_class_balance"] = (class_shares(frame), balance_expectations(params))
+    return suites
+
+
+def run_suites(suites: Suites, docs_dir: Path | None, stats: dict[str, Any]) -> ValidationReport:
+    """Validate each frame against its expectations with Great Expectations; optionally Data Docs."""
     import great_expectations as gx
     from great_expectations.checkpoint import UpdateDataDocsAction
 
@@ -170,16 +186,8 @@ def run_suites(
         )
         actions = [UpdateDataDocsAction(name="update_docs", site_names=[DOCS_SITE])]
     source = context.data_sources.add_pandas("mnist")
-    shares = class_shares(frame)
-    batches = {f"mnist_{split}": frame[frame.split == split] for split in SPLITS}
-    batches["mnist_class_balance"] = shares
     outcomes: list[Outcome] = []
-    for name, batch_frame in batches.items():
-        expectations = (
-            balance_expectations(params)
-            if name == "mnist_class_balance"
-            else split_expectations(name.removeprefix("mnist_"), params)
-        )
+    for name, (batch_frame, expectations) in suites.items():
         suite = context.suites.add(gx.ExpectationSuite(name=name, expectations=expectations))
         batch_def = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe(name)
         definition = context.validation_definitions.add(
@@ -191,7 +199,18 @@ def run_suites(
         run = checkpoint.run(batch_parameters={"dataframe": batch_frame.reset_index(drop=True)})
         for result in run.run_results.values():
             outcomes.extend(_outcomes(name, result))
-    return ValidationReport(outcomes=outcomes, stats=_stats(frame, shares))
+    return ValidationReport(outcomes=outcomes, stats=stats)
+
+
+def validate_frame(
+    frame: pd.DataFrame,
+    params: ValidateParams,
+    docs_dir: Path | None = None,
+    extra_train_rows: int = 0,
+) -> ValidationReport:
+    """Run the dataset's suites over a per-image frame of both splits."""
+    suites = dataset_suites(frame, params, extra_train_rows)
+    return run_suites(suites, docs_dir, _stats(frame, class_shares(frame)))
 
 
 def _stats(frame: pd.DataFrame, shares: pd.DataFrame) -> dict[str, Any]:
@@ -216,7 +235,7 @@ def validate_data(paths: Paths, params: Params) -> ValidationReport:
     docs_dir = paths.validation_dir / "data_docs"
     if docs_dir.exists():
         shutil.rmtree(docs_dir)
-    report = run_suites(frame, params.validate_, docs_dir)
+    report = validate_frame(frame, params.validate_, docs_dir, batch_rows(paths))
     write_report(report, paths.validation_report)
     class_shares(frame).to_csv(paths.validation_dir / "class_counts.csv", index=False)
     return report
@@ -227,7 +246,7 @@ def staged_gate(params: Params) -> Callable[[Path], list[str]]:
 
     def check(folder: Path) -> list[str]:
         frame = dataset_frame(load_folder(folder, params.data), params.validate_.ink_threshold)
-        report = run_suites(frame, params.validate_, docs_dir=None)
+        report = validate_frame(frame, params.validate_)
         return [
             f"{_files_of(outcome, params)}: {outcome.describe()}" for outcome in report.failures
         ]
