@@ -27,8 +27,8 @@ import numpy as np
 from common import median, project_copy, timed, write_result
 
 QUICK = {
-    "train.epochs": 1,
-    "data.max_train_samples": 5000,
+    "train.epochs": 3,
+    "data.max_train_samples": 10000,
     "data.max_test_samples": 1000,
     "promotion.min_accuracy": 0.5,
 }

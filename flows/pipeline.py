@@ -17,8 +17,8 @@ set_environment_defaults()
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 
+from digitflow import inbox, locking, pipeline, sources, validation  # noqa: E402
 from digitflow import ingest as ingestion  # noqa: E402
-from digitflow import locking, pipeline, sources, validation  # noqa: E402
 
 
 @task(name="ingest", retries=2, retry_delay_seconds=5)
@@ -31,6 +31,26 @@ def ingest_data(root: str, source: str | None) -> str | None:
     summary = ingestion.ingest(project, params.data, mirrors, gate=validation.staged_gate(params))
     logger.info("data/: %s (%s)", summary.counts, "fetched" if summary.fetched else "already there")
     return ingestion.record_with_dvc(project, summary.fetched).data_hash
+
+
+@task(name="inbox")
+def admit_batches(root: str) -> list[dict]:
+    """Check every batch in the inbox: append good ones to data/ (a new DVC version), quarantine
+    bad ones. Returns what happened to each."""
+    logger = get_run_logger()
+    project = paths(Path(root))
+    admissions = inbox.admit_all(project, load_params(project.params))
+    for admission in admissions:
+        if admission.accepted:
+            logger.info(
+                "batch %s: %d images %s", admission.source, admission.count, admission.reason
+            )
+        else:
+            logger.warning("batch %s quarantined: %s", admission.source, admission.reason)
+    if any(a.accepted for a in admissions):
+        recorded = ingestion.record_with_dvc(project, fetched=True)
+        logger.info("data/ is now version %s (pushed to the DVC remote)", recorded.data_hash)
+    return [admission.to_dict() for admission in admissions]
 
 
 @task(name="dvc-stage")
@@ -47,18 +67,26 @@ def mnist_pipeline(
 ) -> dict:
     """Ingest, validate, preprocess, train, evaluate and register; returns a summary.
 
-    One run at a time per project: a second run waits for the first (or, with wait=False,
-    is skipped with a message)."""
+    New batches in the inbox are admitted first. When nothing changed since the last successful
+    run (data, params, code), nothing is trained, unless force=True. One run at a time per
+    project: a second run waits for the first (or, with wait=False, is skipped with a message)."""
     root = str(Path(root).resolve())
     logger = get_run_logger()
     try:
         with locking.pipeline_lock(Path(root), wait_s=None if wait else 0):
+            project = paths(Path(root))
             ingest_data.with_options(task_run_name="ingest")(root, source)
+            batches = admit_batches(root)
+            nothing_new = not force and pipeline.up_to_date(project)
             ran = []
-            for stage in pipeline.STAGES:
-                if run_stage.with_options(task_run_name=stage)(root, stage, force):
-                    ran.append(stage)
-            summary = pipeline.summarise(paths(Path(root)), ran).to_dict()
+            if nothing_new:
+                logger.info("up to date: no new data, params or code since the last run")
+            else:
+                for stage in pipeline.STAGES:
+                    if run_stage.with_options(task_run_name=stage)(root, stage, force):
+                        ran.append(stage)
+            summary = pipeline.summarise(project, ran)
+            summary = pipeline.finish(project, summary, batches, nothing_new).to_dict()
     except locking.PipelineBusy as busy:
         logger.warning("skipped: %s", busy)
         return pipeline.skipped(str(busy)).to_dict()

@@ -268,9 +268,18 @@ def _print_summary(summary: dict, elapsed: float, project: Paths) -> None:
     console.print()
     console.print(f"[bold green]pipeline finished[/] in {elapsed:.0f} s")
     console.print(f"  data.dvc md5      {summary.get('data_hash')}")
-    console.print(
-        f"  stages run        {', '.join(summary.get('stages_run') or []) or 'none (up to date)'}"
-    )
+    for batch in summary.get("batches") or []:
+        verdict = "[green]admitted[/]" if batch["accepted"] else "[red]quarantined[/]"
+        console.print(
+            f"  inbox batch       {escape(batch['source'])}: {batch['count']} images {verdict} "
+            f"({escape(batch['reason'])})"
+        )
+    if summary.get("up_to_date"):
+        console.print("  stages run        none: up to date (no new data, params or code)")
+    else:
+        console.print(
+            f"  stages run        {', '.join(summary.get('stages_run') or []) or 'none (up to date)'}"
+        )
     console.print(f"  MLflow run id     {summary.get('run_id')}")
     console.print(
         f"  test accuracy     {accuracy:.4f}" if accuracy is not None else "  test accuracy     n/a"

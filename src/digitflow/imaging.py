@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .config import ServeParams
+
 MNIST_SIDE = 28
 DIGIT_BOX = 20
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm")
@@ -30,6 +32,11 @@ class InkSettings:
     threshold: float = 0.2
     min_contrast: float = 0.15
     max_pixels: int = 40_000_000
+
+
+def ink_settings(serve: ServeParams) -> InkSettings:
+    """The preprocessing settings from params.yaml's serve section."""
+    return InkSettings(threshold=serve.ink_threshold, min_contrast=serve.min_contrast)
 
 
 def decode(data: bytes, settings: InkSettings = InkSettings()) -> np.ndarray:

@@ -20,8 +20,8 @@ from mlflow.types import ColSpec, Schema
 
 import mlflow
 
-from .config import NUM_CLASSES, Params, ServeParams
-from .imaging import ImageError, InkSettings, prepare
+from .config import NUM_CLASSES, Params
+from .imaging import ImageError, InkSettings, ink_settings, prepare
 
 IMAGE_COLUMN = "image"
 PROBABILITY_COLUMNS = [f"p{digit}" for digit in range(NUM_CLASSES)]
@@ -39,11 +39,6 @@ SIGNATURE = ModelSignature(
         ]
     ),
 )
-
-
-def ink_settings(serve: ServeParams) -> InkSettings:
-    """The preprocessing settings from params.yaml's serve section."""
-    return InkSettings(threshold=serve.ink_threshold, min_contrast=serve.min_contrast)
 
 
 def prepare_batch(images: Sequence[bytes], ink: InkSettings) -> tuple[np.ndarray, list[str]]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .config import Paths
@@ -53,6 +54,8 @@ class Summary:
     champion_version: str | None
     stages_run: list[str]
     skipped: str | None = None
+    up_to_date: bool = False
+    batches: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,6 +64,23 @@ class Summary:
 def skipped(reason: str) -> Summary:
     """The summary of a run that did nothing because another run held the lock."""
     return Summary(None, None, None, None, None, None, [], skipped=reason)
+
+
+def up_to_date(paths: Paths) -> bool:
+    """True when no stage of dvc.yaml and not data/ changed since their outputs were recorded."""
+    with dvc_repo(paths.root) as repo:
+        return not repo.status()
+
+
+def finish(paths: Paths, summary: Summary, batches: list[dict], nothing_new: bool) -> Summary:
+    """Add the inbox outcome, and write reports/last_run.json (also when nothing ran)."""
+    final = replace(summary, batches=batches, up_to_date=nothing_new)
+    record = {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **final.to_dict()}
+    paths.reports.mkdir(parents=True, exist_ok=True)
+    temporary = paths.last_run.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(record, indent=2) + "\n")
+    temporary.replace(paths.last_run)
+    return final
 
 
 def summarise(paths: Paths, stages_run: list[str]) -> Summary:
