@@ -94,6 +94,29 @@ def mnist_pipeline(
     return summary
 
 
+def deployment(root: str, name: str, cron: str, timezone: str, work_pool: str | None = None):
+    """The pipeline as a deployment: cron schedule, one run at a time (later ones queue)."""
+    from prefect.schedules import Cron
+
+    options = {"work_pool_name": work_pool} if work_pool else {}
+    return mnist_pipeline.to_deployment(
+        name=name,
+        schedule=Cron(cron, timezone=timezone),
+        parameters={"root": str(Path(root).resolve())},
+        concurrency_limit=1,
+        description="Retrain when new data, params or code arrived; promote if better.",
+        tags=["digitflow"],
+        **options,
+    )
+
+
+def serve_deployment(root: str, name: str, cron: str, timezone: str) -> None:
+    """Register the deployment with the Prefect server and run its flow runs in this process."""
+    from prefect import serve
+
+    serve(deployment(root, name, cron, timezone), print_starting_message=True)
+
+
 if __name__ == "__main__":
     import os
 

@@ -250,13 +250,49 @@ def run(
     _print_summary(summary, elapsed, project)
 
 
+@app.command()
+def deploy(
+    cron: Annotated[
+        str | None, typer.Option(help="Cron schedule (default: schedule.cron).")
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Deployment name (default: schedule.deployment).")
+    ] = None,
+    root: RootOption = None,
+) -> None:
+    """Serve the pipeline as a scheduled Prefect deployment on the server in $PREFECT_API_URL.
+
+    Runs until stopped (Ctrl-C pauses the schedule). Trigger a run by hand with
+    `prefect deployment run digitflow-pipeline/NAME`; runs queue one at a time.
+    """
+    from .scheduling import SchedulingError, require_server
+
+    project, params = _setup(root)
+    try:
+        api_url = require_server()
+    except SchedulingError as exc:
+        _fail(str(exc))
+    settings = params.schedule
+    module = _load_module(project.root / "flows" / "pipeline.py")
+    deployment_name = name or settings.deployment
+    console.print(
+        f"deployment [bold]digitflow-pipeline/{deployment_name}[/] on {api_url}: "
+        f"cron '{cron or settings.cron}' ({settings.timezone}), one run at a time"
+    )
+    module.serve_deployment(
+        str(project.root), deployment_name, cron or settings.cron, settings.timezone
+    )
+
+
 def _load_module(path: Path):
+    """Import flows/pipeline.py (registered in sys.modules: Prefect looks deployments' flows up)."""
     import importlib.util
 
     if not path.is_file():
         _fail(f"{path}: flow file not found")
     spec = importlib.util.spec_from_file_location("digitflow_flows_pipeline", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 

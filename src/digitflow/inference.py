@@ -54,13 +54,23 @@ def prepare_batch(images: Sequence[bytes], ink: InkSettings) -> tuple[np.ndarray
     return batch, errors
 
 
+def probabilities_of(keras_model, images: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """Class probabilities; calls the model directly, which for small batches (one HTTP request)
+    is several times faster than `predict`, whose per-call set-up costs tens of milliseconds."""
+    parts = [
+        np.asarray(keras_model(images[start : start + chunk], training=False))
+        for start in range(0, len(images), chunk)
+    ]
+    return np.concatenate(parts)
+
+
 def classify(keras_model, images: Sequence[bytes], ink: InkSettings) -> pd.DataFrame:
     """Encoded images -> one row per image: digit, probability, p0..p9, error."""
     batch, errors = prepare_batch(images, ink)
     good = np.array([not message for message in errors], dtype=bool)
     probabilities = np.full((len(images), NUM_CLASSES), np.nan)
     if good.any():
-        probabilities[good] = keras_model.predict(batch[good], verbose=0)
+        probabilities[good] = probabilities_of(keras_model, batch[good])
     known = np.nan_to_num(probabilities, nan=-1.0)
     frame = pd.DataFrame(probabilities, columns=PROBABILITY_COLUMNS)
     frame.insert(0, "digit", np.where(good, known.argmax(axis=1), -1).astype(np.int64))

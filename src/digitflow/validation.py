@@ -29,10 +29,12 @@ class Outcome:
     success: bool
     observed: Any
     details: dict[str, Any] = field(default_factory=dict)
+    means: str | None = None
 
     def describe(self) -> str:
         where = f" on '{self.column}'" if self.column else ""
-        return f"[{self.suite}] {self.expectation}{where}: observed {self.observed}"
+        meaning = f" ({self.means})" if self.means else ""
+        return f"[{self.suite}] {self.expectation}{where}: observed {self.observed}{meaning}"
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,7 @@ def _outcomes(suite_name: str, result: Any) -> list[Outcome]:
                 success=bool(item.success),
                 observed=_jsonable(observed),
                 details={k: _jsonable(v) for k, v in kwargs.items() if k != "batch_id"},
+                means=(config.meta or {}).get("means"),
             )
         )
     return outcomes
