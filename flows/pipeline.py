@@ -94,19 +94,24 @@ def mnist_pipeline(
     return summary
 
 
-def deployment(root: str, name: str, cron: str, timezone: str, work_pool: str | None = None):
-    """The pipeline as a deployment: cron schedule, one run at a time (later ones queue)."""
+def _schedule(cron: str, timezone: str):
     from prefect.schedules import Cron
 
-    options = {"work_pool_name": work_pool} if work_pool else {}
+    return Cron(cron, timezone=timezone)
+
+
+DESCRIPTION = "Retrain when new data, params or code arrived; promote if better."
+
+
+def deployment(root: str, name: str, cron: str, timezone: str):
+    """The pipeline as a deployment: cron schedule, one run at a time (later ones queue)."""
     return mnist_pipeline.to_deployment(
         name=name,
-        schedule=Cron(cron, timezone=timezone),
+        schedule=_schedule(cron, timezone),
         parameters={"root": str(Path(root).resolve())},
         concurrency_limit=1,
-        description="Retrain when new data, params or code arrived; promote if better.",
+        description=DESCRIPTION,
         tags=["digitflow"],
-        **options,
     )
 
 
@@ -115,6 +120,25 @@ def serve_deployment(root: str, name: str, cron: str, timezone: str) -> None:
     from prefect import serve
 
     serve(deployment(root, name, cron, timezone), print_starting_message=True)
+
+
+def deploy_to_pool(root: str, name: str, cron: str, timezone: str, work_pool: str) -> str:
+    """Register the deployment on a work pool; its workers run the flow from this checkout."""
+    checkout = str(Path(root).resolve())
+    source = mnist_pipeline.from_source(
+        source=checkout, entrypoint="flows/pipeline.py:mnist_pipeline"
+    )
+    deployment_id = source.deploy(
+        name=name,
+        work_pool_name=work_pool,
+        schedule=_schedule(cron, timezone),
+        parameters={"root": checkout},
+        concurrency_limit=1,
+        description=DESCRIPTION,
+        tags=["digitflow"],
+        print_next_steps=False,
+    )
+    return str(deployment_id)
 
 
 if __name__ == "__main__":

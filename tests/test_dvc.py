@@ -3,9 +3,15 @@ and `dvc repro` runs the validate stage once."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
-from conftest import REPO, run, tree_digest
+import requests
+from conftest import REPO, free_port, run, tree_digest
 
 from digitflow.config import load_params
 from digitflow.ingest import ingest
@@ -36,3 +42,60 @@ def test_validate_stage_runs_once(project, mnist_source) -> None:
     assert project.validation_report.is_file()
     second = run(["dvc", "repro", "validate"], project.root)
     assert "Running stage" not in second.stdout
+
+
+def test_dvc_remote_on_s3_compatible_storage_round_trips(project, ingested) -> None:
+    """`dvc remote add -d ... s3://` against a real S3-compatible server (moto) on 127.0.0.1."""
+    import boto3
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    credentials = {
+        "AWS_ACCESS_KEY_ID": "digitflow-test",
+        "AWS_SECRET_ACCESS_KEY": "digitflow-test-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **credentials},
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                requests.get(endpoint, timeout=2)
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline, "moto server did not start"
+                time.sleep(0.3)
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            **{k.lower(): v for k, v in credentials.items() if k != "AWS_DEFAULT_REGION"},
+            region_name="us-east-1",
+        )
+        s3.create_bucket(Bucket="digitflow-data")
+        shutil.copytree(ingested.raw, project.raw)
+        original = tree_digest(project.data)
+        env = {**credentials}
+        run(["dvc", "add", "data"], project.root, env=env)
+        run(
+            ["dvc", "remote", "add", "-d", "-f", "storage", "s3://digitflow-data/mnist"],
+            project.root,
+        )
+        run(["dvc", "remote", "modify", "storage", "endpointurl", endpoint], project.root)
+        pushed = run(["dvc", "push", "data.dvc"], project.root, env=env)
+        assert "pushed" in pushed.stdout
+        stored = s3.list_objects_v2(Bucket="digitflow-data", Prefix="mnist/")
+        assert stored["KeyCount"] >= 5  # four archives and the directory listing
+        shutil.rmtree(project.data)
+        shutil.rmtree(project.root / ".dvc" / "cache")
+        run(["dvc", "pull", "data.dvc"], project.root, env=env)
+        assert tree_digest(project.data) == original
+        status = run(["dvc", "status", "--cloud", "data.dvc"], project.root, env=env)
+        assert "in sync" in status.stdout
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -107,3 +107,33 @@ def test_promotion_policy(params, challenger, champion, expected) -> None:
     policy = params.promotion.model_copy(update={"min_accuracy": 0.97, "min_delta": 0.0005})
     promoted, reason = decide(challenger, champion, policy)
     assert promoted is expected and reason
+
+
+@pytest.mark.slow
+def test_mirrored_strategy_trains_as_well_as_default(ingested: Paths, params) -> None:
+    """train.strategy=mirrored runs under tf.distribute (one CPU replica here), same accuracy."""
+    import keras
+
+    from digitflow.dataset import load_raw
+    from digitflow.model import build_model
+    from digitflow.train import distribution_strategy, one_hot
+
+    raw = load_raw(ingested, params.data)
+    x = raw["train"].images[:6000, ..., None].astype(np.float32) / 255.0
+    y = raw["train"].labels[:6000]
+    x_test = raw["test"].images[:2000, ..., None].astype(np.float32) / 255.0
+    y_test = raw["test"].labels[:2000]
+    tutorial = params.model.model_copy(update={"architecture": "seed_cnn"})
+    accuracy = {}
+    for name in ("default", "mirrored"):
+        keras.utils.set_random_seed(1)
+        strategy = distribution_strategy(name)
+        with strategy.scope():
+            model = build_model(tutorial)
+            model.compile(optimizer="adam", loss="categorical_crossentropy", metrics=["accuracy"])
+        model.fit(x, one_hot(y), batch_size=128, epochs=2, verbose=0)
+        accuracy[name] = model.evaluate(x_test, one_hot(y_test), verbose=0)[1]
+        assert strategy.num_replicas_in_sync == 1
+    assert type(distribution_strategy("mirrored")).__name__ == "MirroredStrategy"
+    assert min(accuracy.values()) > 0.9
+    assert abs(accuracy["default"] - accuracy["mirrored"]) < 0.02, accuracy

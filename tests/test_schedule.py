@@ -119,12 +119,12 @@ def _client():
     return get_client()
 
 
-def _trigger(count: int = 1, **parameters) -> list:
-    """Start `count` runs of the deployment at once through the API; wait for all to finish."""
+def _trigger(count: int = 1, deployment_name: str = "nightly", **parameters) -> list:
+    """Start `count` runs of a deployment at once through the API; wait for all to finish."""
 
     async def go():
         async with _client() as client:
-            deployment = await client.read_deployment_by_name(f"{FLOW}/nightly")
+            deployment = await client.read_deployment_by_name(f"{FLOW}/{deployment_name}")
             runs = [
                 await client.create_flow_run_from_deployment(deployment.id, parameters=parameters)
                 for _ in range(count)
@@ -300,3 +300,36 @@ def test_two_runs_started_together_never_overlap(deployed) -> None:
     assert len(runs) == 2
     assert runs[0].info.end_time <= runs[1].info.start_time
     assert "up to date" in run(["dvc", "status"], deployed.root).stdout.lower()
+
+
+def test_work_pool_worker_runs_the_deployment(deployed, prefect_api) -> None:
+    """`digitflow deploy --work-pool` registers on a process pool; a real worker runs it."""
+    env = _env({**prefect_api, "PREFECT_WORKER_QUERY_SECONDS": "2"})
+    run(
+        ["prefect", "work-pool", "create", "digitflow-pool", "--type", "process"],
+        deployed.root,
+        env=env,
+    )
+    result = run(
+        ["digitflow", "deploy", "--work-pool", "digitflow-pool", "--name", "pooled"],
+        deployed.root,
+        env=env,
+    )
+    assert "registered on work pool 'digitflow-pool'" in result.stdout
+    log = deployed.root / "worker.log"
+    with log.open("w") as output:
+        worker = subprocess.Popen(
+            ["prefect", "worker", "start", "--pool", "digitflow-pool"],
+            cwd=deployed.root,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        (flow_run,) = _trigger(deployment_name="pooled")
+    finally:
+        worker.terminate()
+        worker.wait(timeout=60)
+    assert flow_run.state.is_completed(), (flow_run.state, log.read_text()[-3000:])
+    assert flow_run.work_pool_name == "digitflow-pool"
+    assert _last_run(deployed)["up_to_date"] is True

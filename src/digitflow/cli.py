@@ -258,12 +258,19 @@ def deploy(
     name: Annotated[
         str | None, typer.Option(help="Deployment name (default: schedule.deployment).")
     ] = None,
+    work_pool: Annotated[
+        str | None,
+        typer.Option(
+            help="Register on this work pool and return; `prefect worker start --pool NAME` runs it."
+        ),
+    ] = None,
     root: RootOption = None,
 ) -> None:
     """Serve the pipeline as a scheduled Prefect deployment on the server in $PREFECT_API_URL.
 
-    Runs until stopped (Ctrl-C pauses the schedule). Trigger a run by hand with
-    `prefect deployment run digitflow-pipeline/NAME`; runs queue one at a time.
+    Without --work-pool this process serves the runs until stopped (Ctrl-C pauses the
+    schedule). Trigger a run by hand with `prefect deployment run digitflow-pipeline/NAME`;
+    runs queue one at a time.
     """
     from .scheduling import SchedulingError, require_server
 
@@ -279,6 +286,15 @@ def deploy(
         f"deployment [bold]digitflow-pipeline/{deployment_name}[/] on {api_url}: "
         f"cron '{cron or settings.cron}' ({settings.timezone}), one run at a time"
     )
+    if work_pool:
+        deployment_id = module.deploy_to_pool(
+            str(project.root), deployment_name, cron or settings.cron, settings.timezone, work_pool
+        )
+        console.print(
+            f"registered on work pool '{work_pool}' (id {deployment_id}); start a worker with "
+            f"`prefect worker start --pool {work_pool}`"
+        )
+        return
     module.serve_deployment(
         str(project.root), deployment_name, cron or settings.cron, settings.timezone
     )

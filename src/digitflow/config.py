@@ -90,6 +90,7 @@ class TrainParams(_Strict):
     batch_size: int = Field(ge=1)
     learning_rate: float = Field(gt=0)
     lr_schedule: Literal["constant", "cosine"]
+    strategy: Literal["default", "mirrored", "multi_worker_mirrored"]
     early_stopping_patience: int = Field(ge=1)
     seed: int
     deterministic: bool

@@ -96,6 +96,17 @@ def optimizer(train: TrainParams, steps_per_epoch: int) -> keras.optimizers.Opti
     return keras.optimizers.Adam(learning_rate=rate)
 
 
+def distribution_strategy(name: str):
+    """The tf.distribute strategy named in train.strategy."""
+    import tensorflow as tf
+
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker_mirrored":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
 def one_hot(labels: np.ndarray) -> np.ndarray:
     return keras.utils.to_categorical(labels, NUM_CLASSES)
 
@@ -115,11 +126,15 @@ def train(paths: Paths, params: Params) -> TrainResult:
     fit, val = load_split(paths, "train"), load_split(paths, "val")
     settings = params.train
     seed_everything(settings)
-    model = build_model(params.model)
     steps = math.ceil(len(fit.y) / settings.batch_size)
-    model.compile(
-        optimizer=optimizer(settings, steps), loss="categorical_crossentropy", metrics=["accuracy"]
-    )
+    strategy = distribution_strategy(settings.strategy)
+    with strategy.scope():
+        model = build_model(params.model)
+        model.compile(
+            optimizer=optimizer(settings, steps),
+            loss="categorical_crossentropy",
+            metrics=["accuracy"],
+        )
     started = time.perf_counter()
     run_name = f"{params.model.architecture}-{time.strftime('%Y%m%d-%H%M%S')}"
     for orphan in tracking.close_orphaned_runs(experiment_id):
@@ -128,7 +143,13 @@ def train(paths: Paths, params: Params) -> TrainResult:
         run_id = run.info.run_id
         mlflow.set_tags({**tracking.run_tags(paths, params), **tracking.process_tags()})
         mlflow.log_params(tracking.flat_params(params))
-        mlflow.log_params({"data.n_train": len(fit.y), "data.n_val": len(val.y)})
+        mlflow.log_params(
+            {
+                "data.n_train": len(fit.y),
+                "data.n_val": len(val.y),
+                "train.replicas": strategy.num_replicas_in_sync,
+            }
+        )
         if paths.validation_report.is_file():
             mlflow.log_artifact(str(paths.validation_report), artifact_path="validation")
         print(f"MLflow run {run_id}: training {params.model.architecture} on {len(fit.y):,} images")
