@@ -300,6 +300,50 @@ def deploy(
     )
 
 
+@app.command("tracking-server")
+def tracking_server(
+    backend_store_uri: Annotated[
+        str,
+        typer.Option(
+            envvar="DIGITFLOW_TRACKING_BACKEND_URI",
+            help="Where runs and the registry live (PostgreSQL; keep passwords in the env var).",
+        ),
+    ] = "postgresql://mlflow@127.0.0.1:5432/mlflow",
+    artifacts_destination: Annotated[
+        Path | None,
+        typer.Option(help="Where the server stores artifacts (default: mlflow/served-artifacts)."),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 5000,
+    root: RootOption = None,
+) -> None:
+    """An MLflow tracking server on PostgreSQL with served artifacts (runs until stopped).
+
+    Point the pipeline at it with MLFLOW_TRACKING_URI=http://HOST:PORT.
+    """
+    project = paths(root)
+    destination = artifacts_destination or project.mlflow_dir / "served-artifacts"
+    destination.mkdir(parents=True, exist_ok=True)
+    own_mlflow = Path(sys.executable).parent / "mlflow"
+    command = [
+        str(own_mlflow) if own_mlflow.is_file() else "mlflow",
+        "server",
+        "--backend-store-uri",
+        backend_store_uri,
+        "--serve-artifacts",
+        "--artifacts-destination",
+        str(destination.resolve()),
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
+    console.print(
+        f"MLflow tracking server on http://{host}:{port} (export MLFLOW_TRACKING_URI=http://{host}:{port})"
+    )
+    os.execvp(command[0], command)
+
+
 def _load_module(path: Path):
     """Import flows/pipeline.py (registered in sys.modules: Prefect looks deployments' flows up)."""
     import importlib.util

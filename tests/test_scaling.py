@@ -1,0 +1,164 @@
+"""Beyond one machine, for real on 127.0.0.1: MLflow on PostgreSQL with served artifacts."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import free_port, make_project, run
+
+from digitflow.config import Paths, load_params
+
+pytestmark = pytest.mark.slow
+
+SLICE = {
+    ("data", "max_train_samples"): 2000,
+    ("data", "max_test_samples"): 500,
+    ("model", "architecture"): "seed_cnn",
+    ("train", "epochs"): 2,
+    ("train", "lr_schedule"): "constant",
+    ("promotion", "min_accuracy"): 0.3,
+}
+
+
+def _postgres_bin() -> Path | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return Path(found[-1]).parent if found else None
+
+
+def _as_postgres_user(command: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root: drop to the `postgres` account when we are root."""
+    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
+
+
+@pytest.fixture(scope="module")
+def postgres() -> str:
+    """A throw-away PostgreSQL cluster in a temporary directory, on a free port; removed after."""
+    binaries = _postgres_bin()
+    if binaries is None:
+        if os.environ.get("DIGITFLOW_REQUIRE_POSTGRES"):
+            pytest.fail("PostgreSQL is required here (apt-get install postgresql)")
+        pytest.skip("PostgreSQL not installed (apt-get install postgresql)")
+    cluster = Path(tempfile.mkdtemp(prefix="digitflow-pg-"))
+    cluster.chmod(0o755)
+    if os.geteuid() == 0:
+        shutil.chown(cluster, "postgres", "postgres")
+    data, port = cluster / "data", free_port()
+    initdb = [str(binaries / "initdb"), "-D", str(data), "-A", "trust", "-U", "mlflow"]
+    subprocess.run(_as_postgres_user(initdb), check=True, capture_output=True)
+    options = f"-p {port} -k {cluster} -c listen_addresses=127.0.0.1"
+    start = [
+        str(binaries / "pg_ctl"),
+        "-D",
+        str(data),
+        "-o",
+        options,
+        "-l",
+        str(cluster / "log"),
+        "-w",
+        "start",
+    ]
+    subprocess.run(_as_postgres_user(start), check=True, capture_output=True)
+    try:
+        create = [
+            str(binaries / "createdb"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-U",
+            "mlflow",
+            "mlflow",
+        ]
+        subprocess.run(create, check=True, capture_output=True)
+        yield f"postgresql://mlflow@127.0.0.1:{port}/mlflow"
+    finally:
+        stop = [str(binaries / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]
+        subprocess.run(_as_postgres_user(stop), capture_output=True)
+        shutil.rmtree(cluster, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def tracking_server(postgres: str, tmp_path_factory) -> tuple[str, Path]:
+    """`digitflow tracking-server` on PostgreSQL with served artifacts, on a free port."""
+    home = tmp_path_factory.mktemp("tracking")
+    artifacts, port = home / "artifacts", free_port()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log = home / "server.log"
+    command = [
+        "digitflow",
+        "tracking-server",
+        "--backend-store-uri",
+        postgres,
+        "--artifacts-destination",
+        str(artifacts),
+        "--port",
+        str(port),
+        "--root",
+        str(home),
+    ]
+    with log.open("w") as output:
+        server = subprocess.Popen(
+            command, cwd=home, env=env, stdout=output, stderr=subprocess.STDOUT
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        if server.poll() is not None:
+            pytest.fail(f"tracking server exited:\n{log.read_text()[-3000:]}")
+        try:
+            if requests.get(f"{url}/health", timeout=2).ok:
+                break
+        except requests.ConnectionError:
+            pass
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.5)
+    yield url, artifacts
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def test_pipeline_against_mlflow_on_postgresql(tmp_path, tracking_server, ingested: Paths) -> None:
+    from test_pipeline import set_params
+
+    url, artifacts = tracking_server
+    project = make_project(tmp_path / "project")
+    set_params(project, SLICE)
+    shutil.copytree(ingested.raw, project.raw)
+    run(["dvc", "repro"], project.root, env={"MLFLOW_TRACKING_URI": url})
+    assert not (project.mlflow_dir / "mlflow.db").exists()  # nothing went to the embedded store
+
+    api = f"{url}/api/2.0/mlflow"
+    params = load_params(project.params)
+    experiment = requests.get(
+        f"{api}/experiments/get-by-name", params={"experiment_name": params.mlflow.experiment}
+    ).json()["experiment"]
+    runs = requests.post(
+        f"{api}/runs/search", json={"experiment_ids": [experiment["experiment_id"]]}
+    ).json()["runs"]
+    assert len(runs) == 1
+    run_info = runs[0]
+    metrics = {m["key"]: m["value"] for m in run_info["data"]["metrics"]}
+    assert metrics["test_accuracy"] > 0.5 and "val_loss" in metrics
+    listed = requests.get(
+        f"{api}/artifacts/list", params={"run_id": run_info["info"]["run_id"]}
+    ).json()
+    assert {"evaluation", "training"} <= {item["path"] for item in listed["files"]}
+    assert any(artifacts.rglob("confusion_matrix.png"))  # stored by the server, not the client
+
+    name = params.mlflow.registered_model
+    champion = requests.get(
+        f"{api}/registered-models/alias", params={"name": name, "alias": "champion"}
+    ).json()
+    assert champion["model_version"]["version"] == "1"
+    assert champion["model_version"]["run_id"] == run_info["info"]["run_id"]
+    assert any(artifacts.rglob("MLmodel"))
