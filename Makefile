@@ -6,7 +6,7 @@ BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 UI_PORT ?= 5000
 
-.PHONY: help install run test lint format ui repro clean bench-overhead bench-throughput bench-noop bench-validation bench-accuracy bench-serving mlflow-server
+.PHONY: help install run test lint format ui repro clean bench-overhead bench-throughput bench-noop bench-validation bench-accuracy bench-serving bench-sweep mlflow-server
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -38,6 +38,9 @@ repro: install  ## Rebuild what changed with DVC
 
 ui: install  ## Open the MLflow UI on the embedded store (http://127.0.0.1:$(UI_PORT))
 	mlflow ui --backend-store-uri sqlite:///$(abspath mlflow)/mlflow.db --host 127.0.0.1 --port $(UI_PORT)
+
+bench-sweep: install  ## A 4-trial sweep with 1 Dask worker vs 2
+	python bench/sweep.py
 
 mlflow-server: install  ## MLflow tracking server on PostgreSQL (DIGITFLOW_TRACKING_BACKEND_URI) with served artifacts
 	digitflow tracking-server

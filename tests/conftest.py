@@ -21,6 +21,7 @@ PROJECT_FILES = [
     "data.dvc",
     ".dvc/config",
     "flows/pipeline.py",
+    "flows/sweep.py",
 ]
 
 set_environment_defaults()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 import subprocess
@@ -162,3 +163,57 @@ def test_pipeline_against_mlflow_on_postgresql(tmp_path, tracking_server, ingest
     assert champion["model_version"]["version"] == "1"
     assert champion["model_version"]["run_id"] == run_info["info"]["run_id"]
     assert any(artifacts.rglob("MLmodel"))
+
+
+SWEEP = {
+    **SLICE,
+    ("sweep", "method"): "random",
+    ("sweep", "trials"): 4,
+    ("sweep", "workers"): 2,
+    ("sweep", "max_train_samples"): 1500,
+    ("sweep", "epochs"): 1,
+    ("sweep", "space"): {"train.learning_rate": [0.001, 0.003], "train.batch_size": [64, 128]},
+}
+
+
+def test_sweep_fans_trials_out_on_dask_and_registers_the_best(tmp_path, ingested: Paths) -> None:
+    from test_pipeline import set_params
+
+    import mlflow
+    from digitflow import tracking
+    from digitflow.registry import CHAMPION, alias_version, list_versions
+
+    project = make_project(tmp_path / "project")
+    set_params(project, SWEEP)
+    shutil.copytree(ingested.raw, project.raw)
+    result = run(["digitflow", "sweep", "--workers", "2"], project.root)
+    assert "4 trials on 2 local Dask workers" in result.stdout
+    assert "sweep finished" in result.stdout
+
+    params = load_params(project.params)
+    experiment = tracking.configure(project, params)
+    client = mlflow.MlflowClient()
+    (parent,) = client.search_runs([experiment], "tags.`digitflow.sweep` = 'parent'")
+    children = client.search_runs(
+        [experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    assert parent.info.status == "FINISHED" and len(children) == 4
+    tried = {
+        (c.data.params["train.learning_rate"], c.data.params["train.batch_size"]) for c in children
+    }
+    assert len(tried) == 4  # every point of the 2x2 space, each a child run
+    assert all(
+        c.data.params["train.epochs"] == "1" and c.data.params["data.n_train"] == "1500"
+        for c in children
+    )
+    best = max(children, key=lambda c: c.data.metrics["val_accuracy_final"])
+    assert parent.data.tags["best_trial_run_id"] == best.info.run_id
+    assert parent.data.metrics["best_val_accuracy"] == best.data.metrics["val_accuracy_final"]
+    assert "test_accuracy" in best.data.metrics  # only the chosen trial sees the test set
+    assert all("test_accuracy" not in c.data.metrics for c in children if c is not best)
+    versions = list_versions(params.mlflow.registered_model)
+    assert [v["run_id"] for v in versions] == [best.info.run_id]
+    assert alias_version(params.mlflow.registered_model, CHAMPION) == "1"
+    promotion = json.loads(project.promotion_report.read_text())
+    assert promotion["run_id"] == best.info.run_id and promotion["promoted"] is True
+    assert len((project.reports / "sweep.csv").read_text().splitlines()) == 5

@@ -300,6 +300,52 @@ def deploy(
     )
 
 
+@app.command()
+def sweep(
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="Local Dask workers (default: sweep.workers).")
+    ] = None,
+    dask_address: Annotated[
+        str | None,
+        typer.Option(help="Use an existing Dask cluster, e.g. tcp://10.0.0.5:8786."),
+    ] = None,
+    trials: Annotated[
+        int | None, typer.Option(min=1, help="Random draws (default: sweep.trials).")
+    ] = None,
+    root: RootOption = None,
+) -> None:
+    """Hyper-parameter sweep over sweep.space: trials in parallel on Dask, each an MLflow child
+    run; the best on the validation set is registered and may become champion.
+
+    Trials are cheap by default (sweep.max_train_samples images, sweep.epochs epochs).
+    """
+    project, params = _setup(root)
+    settings = params.sweep
+    module = _load_module(project.root / "flows" / "sweep.py")
+    subset = settings.max_train_samples or "all"
+    console.print(
+        f"[bold]sweep[/] {settings.method}, {trials or settings.trials} trials on "
+        f"{dask_address or f'{workers or settings.workers} local Dask workers'}; "
+        f"cheap trials: {subset} training images, {settings.epochs} epochs each"
+    )
+    started = time.perf_counter()
+    flow = module.sweep_flow(workers or settings.workers, dask_address)
+    state = flow(root=str(project.root), trials=trials, return_state=True)
+    if not state.is_completed():
+        _fail(f"the sweep ended {state.name}: {state.message or ''}".strip())
+    outcome = state.result()
+    console.print(f"[bold green]sweep finished[/] in {time.perf_counter() - started:.0f} s")
+    for trial in sorted(outcome["trials"], key=lambda t: -t["val_accuracy"]):
+        marker = "*" if trial["run_id"] == outcome["best"]["run_id"] else " "
+        console.print(
+            f" {marker} val {trial['val_accuracy']:.4f}  {trial['overrides']}  ({trial['seconds']:.0f} s)"
+        )
+    console.print(
+        f"best trial -> version {outcome['version']}, test accuracy {outcome['test_accuracy']:.4f}: "
+        f"{outcome['decision']} ({escape(outcome['reason'])}); comparison in {outcome['summary_csv']}"
+    )
+
+
 @app.command("tracking-server")
 def tracking_server(
     backend_store_uri: Annotated[
@@ -350,7 +396,7 @@ def _load_module(path: Path):
 
     if not path.is_file():
         _fail(f"{path}: flow file not found")
-    spec = importlib.util.spec_from_file_location("digitflow_flows_pipeline", path)
+    spec = importlib.util.spec_from_file_location(f"digitflow_flows_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)

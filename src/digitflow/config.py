@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -79,6 +79,7 @@ class PreprocessParams(_Strict):
 
 class ModelParams(_Strict):
     architecture: Literal["seed_cnn", "digit_cnn"]
+    filters: int = Field(ge=4, le=256)
     dropout: float = Field(ge=0, lt=1)
     augment_rotation: float = Field(ge=0, le=0.5)
     augment_shift: float = Field(ge=0, le=0.5)
@@ -140,6 +141,27 @@ class ScheduleParams(_Strict):
         return value
 
 
+class SweepParams(_Strict):
+    method: Literal["grid", "random"]
+    trials: int = Field(ge=1)
+    seed: int
+    workers: int = Field(ge=1)
+    max_train_samples: int | None = Field(default=None, ge=100)
+    epochs: int = Field(ge=1)
+    space: dict[str, list[Any]]
+
+    @field_validator("space")
+    @classmethod
+    def _known_keys(cls, space: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in space.items():
+            section, _, name = key.partition(".")
+            if section not in ("model", "train") or not name:
+                raise ValueError(f"sweep.space key {key!r} must be 'model.NAME' or 'train.NAME'")
+            if not values:
+                raise ValueError(f"sweep.space.{key} needs at least one value")
+        return space
+
+
 class Params(_Strict):
     data: DataParams
     validate_: ValidateParams = Field(alias="validate")
@@ -151,6 +173,7 @@ class Params(_Strict):
     serve: ServeParams
     inbox: InboxParams
     schedule: ScheduleParams
+    sweep: SweepParams
 
 
 def _format_errors(error: ValidationError) -> str:

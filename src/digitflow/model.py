@@ -52,14 +52,15 @@ def _conv_block(filters: int, kernel: int) -> list[layers.Layer]:
 
 
 def digit_cnn(params: ModelParams) -> keras.Model:
-    """The default: three batch-normalised conv blocks, dropout, and light augmentation."""
+    """The default: three batch-normalised conv blocks (model.filters, twice, four times as many
+    filters), dropout, and light augmentation."""
     return keras.Sequential(
         [
             keras.Input(shape=INPUT_SHAPE),
             *_augmentation(params),
-            *_conv_block(32, 5),
-            *_conv_block(64, 3),
-            *_conv_block(128, 3),
+            *_conv_block(params.filters, 5),
+            *_conv_block(params.filters * 2, 3),
+            *_conv_block(params.filters * 4, 3),
             layers.Flatten(),
             layers.Dropout(params.dropout),
             layers.Dense(128, use_bias=False),

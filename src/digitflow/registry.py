@@ -156,29 +156,36 @@ def consider(
 
 def register(paths: Paths, params: Params) -> Decision:
     """The register stage: new version -> challenger; promote it if the policy says so."""
-    import mlflow
-
     tracking.configure(paths, params)
     info = tracking.read_run_info(paths)
     metrics = json.loads(paths.eval_metrics.read_text())
+    return register_run(paths, params, info["run_id"], info["model_uri"], metrics["test_accuracy"])
+
+
+def register_run(
+    paths: Paths, params: Params, run_id: str, model_uri: str, test_accuracy: float
+) -> Decision:
+    """Register a run's model as challenger and apply the promotion policy (MLflow configured)."""
+    import mlflow
+
     name = params.mlflow.registered_model
     client = _client()
-    run = client.get_run(info["run_id"])
-    version = _version_of_run(name, info["run_id"])
+    run = client.get_run(run_id)
+    version = _version_of_run(name, run_id)
     if version is None:
-        tags = _version_tags(run, metrics)
-        version = str(mlflow.register_model(info["model_uri"], name, tags=tags).version)
+        tags = _version_tags(run, {"test_accuracy": test_accuracy})
+        version = str(mlflow.register_model(model_uri, name, tags=tags).version)
     decision = consider(
         name,
         version,
-        metrics["test_accuracy"],
+        test_accuracy,
         lambda champion: score_version(paths, name, champion),
         params.promotion,
     )
     for key, value in decision.tags().items():
-        client.set_tag(info["run_id"], key, value)
+        client.set_tag(run_id, key, value)
         client.set_model_version_tag(name, version, key, value)
-    _write_report(paths, decision, name, info["run_id"])
+    _write_report(paths, decision, name, run_id)
     return decision
 
 
