@@ -24,7 +24,7 @@ def main() -> None:
     args = parser.parse_args()
     work = project_copy("sweep", {"promotion.min_accuracy": 0.5})
     env = {"PREFECT_HOME": str(work / ".prefect"), "MLFLOW_TRACKING_URI": ""}
-    timed(["digitflow", "preprocess"], work, env)  # the data step both sides share
+    timed(["dvc", "repro", "preprocess"], work, env)  # the data steps both sides share
     walls: dict[str, list[float]] = {"workers_1": [], "workers_2": []}
     trial_seconds: dict[str, list[float]] = {"workers_1": [], "workers_2": []}
     for _ in range(args.rounds):
