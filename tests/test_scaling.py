@@ -217,3 +217,55 @@ def test_sweep_fans_trials_out_on_dask_and_registers_the_best(tmp_path, ingested
     promotion = json.loads(project.promotion_report.read_text())
     assert promotion["run_id"] == best.info.run_id and promotion["promoted"] is True
     assert len((project.reports / "sweep.csv").read_text().splitlines()) == 5
+
+
+def test_sweep_on_an_existing_dask_cluster(tmp_path, ingested: Paths) -> None:
+    """`--dask-address` sends the trials to a Dask scheduler started outside the sweep."""
+    from test_pipeline import set_params
+
+    import mlflow
+    from digitflow import tracking
+
+    project = make_project(tmp_path / "project")
+    set_params(project, {**SWEEP, ("sweep", "trials"): 2})
+    shutil.copytree(ingested.raw, project.raw)
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    scheduler = subprocess.Popen(
+        ["dask", "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    worker = subprocess.Popen(
+        [
+            "dask",
+            "worker",
+            address,
+            "--nworkers",
+            "1",
+            "--nthreads",
+            "1",
+            "--host",
+            "127.0.0.1",
+            "--no-dashboard",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=tmp_path,
+    )
+    try:
+        result = run(["digitflow", "sweep", "--dask-address", address], project.root)
+    finally:
+        for process in (worker, scheduler):
+            process.terminate()
+            process.wait(timeout=30)
+    assert f"2 trials on {address}" in result.stdout and "sweep finished" in result.stdout
+    experiment = tracking.configure(project, load_params(project.params))
+    (parent,) = mlflow.MlflowClient().search_runs([experiment], "tags.`digitflow.sweep` = 'parent'")
+    children = mlflow.MlflowClient().search_runs(
+        [experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    assert len(children) == 2 and parent.info.status == "FINISHED"
