@@ -59,6 +59,25 @@ def main() -> None:
             f"({validation['median_validation_seconds']:.1f} s after imports) | `python bench/validation_cost.py` "
             f"| `{validation['file']}` |"
         )
+    serving = newest("serving")
+    if serving:
+        latency, rates = serving["single_image_latency_ms"], serving["median_images_per_second"]
+        rows.append(
+            f"| served model: one image over HTTP | p50 {latency['p50']:.1f} ms, p99 {latency['p99']:.1f} ms "
+            f"| `python bench/serving.py` | `{serving['file']}` |"
+        )
+        rows.append(
+            f"| served model: batches of {serving['settings']['batch']} over HTTP / plain `model.predict` per batch "
+            f"| {serving['ratios']['http_batch_over_keras']:.2f} ({rates['http_batch']:.0f} / {rates['keras_arrays']:.0f} images/s; "
+            f"pyfunc in-process {rates['pyfunc_bytes']:.0f}, one `predict` call over all {rates['keras_one_call']:.0f}) | same | same |"
+        )
+    sweep = newest("sweep")
+    if sweep:
+        medians = sweep["median_seconds"]
+        rows.append(
+            f"| 4-trial sweep, 1 Dask worker / 2 workers | {medians['workers_1']:.0f} s / {medians['workers_2']:.0f} s "
+            f"(speed-up {sweep['speed_up_2_over_1']:.2f}) | `python bench/sweep.py` | `{sweep['file']}` |"
+        )
     print("\n".join(rows))
 
 

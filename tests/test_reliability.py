@@ -578,6 +578,9 @@ def test_repository_holds_no_credentials() -> None:
     assert offenders == []
 
 
-def test_servers_bind_to_loopback_by_default() -> None:
+def test_servers_bind_to_loopback_by_default(params) -> None:
     dry_run = run(["make", "-n", "ui"], REPO).stdout
     assert "--host 127.0.0.1" in dry_run
+    assert params.serve.host == "127.0.0.1"  # digitflow serve
+    for command in (["digitflow", "serve", "--help"], ["digitflow", "tracking-server", "--help"]):
+        assert "127.0.0.1" in run(command, REPO).stdout
