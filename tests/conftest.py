@@ -25,6 +25,9 @@ PROJECT_FILES = [
 ]
 
 set_environment_defaults()
+# Every test project uses its own embedded store: never a tracking server from the shell.
+for _variable in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+    os.environ.pop(_variable, None)
 
 
 @pytest.fixture(scope="session")

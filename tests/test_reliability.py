@@ -442,11 +442,10 @@ OPERATIONS = st.lists(
 
 @pytest.fixture(scope="module")
 def registry_store(tmp_path_factory) -> Path:
-    import mlflow
+    from digitflow.tracking import point_mlflow_at
 
     folder = tmp_path_factory.mktemp("registry")
-    mlflow.set_tracking_uri(f"sqlite:///{folder / 'mlflow.db'}")
-    mlflow.set_registry_uri(f"sqlite:///{folder / 'mlflow.db'}")
+    point_mlflow_at(f"sqlite:///{folder / 'mlflow.db'}")  # this process only, not its children
     return folder
 
 

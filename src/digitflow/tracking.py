@@ -45,7 +45,7 @@ def _http_settings(params: Params) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(settings.http_timeout_s)))
 
 
-def _point_mlflow_at(uri: str) -> None:
+def point_mlflow_at(uri: str) -> None:
     """Set MLflow's tracking and registry URIs for this process only.
 
     MLflow also exports them to os.environ, which would make every later project configured in
@@ -71,7 +71,7 @@ def configure(paths: Paths, params: Params) -> str:
     uri = tracking_uri(paths)
     if uri.startswith("sqlite:///"):
         paths.mlflow_dir.mkdir(parents=True, exist_ok=True)
-    _point_mlflow_at(uri)
+    point_mlflow_at(uri)
     with unavailable_as_error(uri):
         experiment = mlflow.get_experiment_by_name(params.mlflow.experiment)
         if experiment is not None:
