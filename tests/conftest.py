@@ -118,6 +118,26 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def wait_until_up(url: str, process: subprocess.Popen, log: Path, seconds: float = 120) -> None:
+    """Poll url until it answers 2xx; fail with the server's log if it exits or never answers."""
+    import time
+
+    import requests
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"{process.args} exited {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if requests.get(url, timeout=3).ok:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    process.kill()
+    pytest.fail(f"{url} never answered:\n{log.read_text()[-3000:]}")
+
+
 SERVING_SLICE = {
     ("data", "max_train_samples"): 8000,
     ("data", "max_test_samples"): 1000,

@@ -9,25 +9,16 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 import requests
-from conftest import free_port, make_project, run
+from conftest import free_port, make_project, run, wait_until_up
+from test_pipeline import SLICE
 
 from digitflow.config import Paths, load_params
 
 pytestmark = pytest.mark.slow
-
-SLICE = {
-    ("data", "max_train_samples"): 2000,
-    ("data", "max_test_samples"): 500,
-    ("model", "architecture"): "seed_cnn",
-    ("train", "epochs"): 2,
-    ("train", "lr_schedule"): "constant",
-    ("promotion", "min_accuracy"): 0.3,
-}
 
 
 def _postgres_bin() -> Path | None:
@@ -112,17 +103,7 @@ def tracking_server(postgres: str, tmp_path_factory) -> tuple[str, Path]:
             command, cwd=home, env=env, stdout=output, stderr=subprocess.STDOUT
         )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        if server.poll() is not None:
-            pytest.fail(f"tracking server exited:\n{log.read_text()[-3000:]}")
-        try:
-            if requests.get(f"{url}/health", timeout=2).ok:
-                break
-        except requests.ConnectionError:
-            pass
-        assert time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.5)
+    wait_until_up(f"{url}/health", server, log)
     yield url, artifacts
     server.terminate()
     server.wait(timeout=30)

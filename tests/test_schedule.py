@@ -13,8 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
-from conftest import free_port, make_project, run, tree_digest
+from conftest import free_port, make_project, run, tree_digest, wait_until_up
 from PIL import Image
 
 from digitflow import tracking
@@ -40,21 +39,6 @@ def _env(extra: dict[str, str]) -> dict[str, str]:
     return {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **extra}
 
 
-def _wait_for(url: str, process: subprocess.Popen, log: Path, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"{process.args} exited {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if requests.get(url, timeout=3).ok:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
-    process.kill()
-    pytest.fail(f"{url} never answered:\n{log.read_text()[-3000:]}")
-
-
 @pytest.fixture(scope="module")
 def prefect_api(tmp_path_factory) -> dict[str, str]:
     """A real Prefect server on a free port with a throw-away PREFECT_HOME; stopped after."""
@@ -74,7 +58,7 @@ def prefect_api(tmp_path_factory) -> dict[str, str]:
             stderr=subprocess.STDOUT,
             cwd=home,
         )
-    _wait_for(f"{env['PREFECT_API_URL']}/health", server, log, 120)
+    wait_until_up(f"{env['PREFECT_API_URL']}/health", server, log, 120)
     previous = {key: os.environ.get(key) for key in env}
     os.environ.update(env)  # this process's Prefect client talks to the same server
     yield env
@@ -107,7 +91,7 @@ def deployed(tmp_path_factory, prefect_api, ingested: Paths, mnist_source):
             stderr=subprocess.STDOUT,
         )
     url = f"{prefect_api['PREFECT_API_URL']}/deployments/name/{FLOW}/nightly"
-    _wait_for(url, server, log, 120)
+    wait_until_up(url, server, log, 120)
     yield project
     server.terminate()
     server.wait(timeout=60)

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
-from conftest import free_port, run
+from conftest import free_port, run, wait_until_up
 from paper import on_paper
 
 from digitflow import tracking
@@ -162,18 +162,7 @@ def server(champion):
             stderr=subprocess.STDOUT,
         )
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"digitflow serve exited {process.returncode}:\n{log.read_text()}")
-        try:
-            if requests.get(f"{base}/health", timeout=2).ok:
-                break
-        except requests.ConnectionError:
-            time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail(f"digitflow serve never answered /health:\n{log.read_text()}")
+    wait_until_up(f"{base}/health", process, log)
     yield base
     process.terminate()
     process.wait(timeout=30)
