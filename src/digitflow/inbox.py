@@ -189,12 +189,17 @@ def batch_expectations(params: Params) -> list:
     ]
 
 
-def check_batch(batch: Batch, paths: Paths, params: Params) -> tuple[list[str], dict]:
-    """Great Expectations and per-file checks; returns (problems, report)."""
-    frame = image_frame("batch", Split(batch.images, batch.labels), params.validate_.ink_threshold)
-    known = set()
+def known_hashes(paths: Paths, params: Params) -> set[str]:
+    """Pixel hashes of every image already in data/: both MNIST splits and admitted batches."""
+    known: set[str] = set()
     for split in load_raw(paths, params.data).values():
         known.update(pixel_hashes(split.images))
+    return known
+
+
+def check_batch(batch: Batch, known: set[str], params: Params) -> tuple[list[str], dict]:
+    """Great Expectations and per-file checks against the known images; (problems, report)."""
+    frame = image_frame("batch", Split(batch.images, batch.labels), params.validate_.ink_threshold)
     frame["already_in_dataset"] = frame["pixel_hash"].isin(known)
     frame["label"] = frame["label"].astype("Int64")
     report = run_suites(
@@ -289,8 +294,9 @@ def already_stored(sha256: str, paths: Paths) -> str | None:
     return None
 
 
-def admit(path: Path, paths: Paths, params: Params) -> Admission:
-    """Check one inbox batch; store it in data/ or quarantine it. Never both, never half."""
+def admit(path: Path, paths: Paths, params: Params, known: set[str]) -> Admission:
+    """Check one inbox batch; store it in data/ or quarantine it. Never both, never half.
+    `known` holds the hashes of the images in data/; a stored batch's are added to it."""
     inbox = paths.inbox(params)
     batch = read_batch(path, params)
     existing = already_stored(batch.sha256, paths) if len(batch.labels) else None
@@ -299,7 +305,7 @@ def admit(path: Path, paths: Paths, params: Params) -> Admission:
         return Admission(
             path.name, True, len(batch.labels), existing, batch.sha256, "already stored"
         )
-    problems, report = check_batch(batch, paths, params)
+    problems, report = check_batch(batch, known, params)
     if problems:
         where = quarantine(path, paths, params, problems, report)
         return Admission(
@@ -310,6 +316,7 @@ def admit(path: Path, paths: Paths, params: Params) -> Admission:
             report=str(where / "report.json"),
         )
     batch_id = store(batch, paths)
+    known.update(pixel_hashes(batch.images))
     _take_out(path, inbox, None)
     return Admission(
         path.name, True, len(batch.labels), batch_id, batch.sha256, "appended to train"
@@ -318,4 +325,8 @@ def admit(path: Path, paths: Paths, params: Params) -> Admission:
 
 def admit_all(paths: Paths, params: Params) -> list[Admission]:
     """Admit or quarantine every batch waiting in the inbox."""
-    return [admit(path, paths, params) for path in find_batches(paths.inbox(params))]
+    batches = find_batches(paths.inbox(params))
+    if not batches:
+        return []
+    known = known_hashes(paths, params)  # read data/ once, not once per batch
+    return [admit(path, paths, params, known) for path in batches]
