@@ -19,11 +19,17 @@ from common import apply_params, project_copy, timed, write_result
 PRESETS = {
     # the params.yaml defaults
     "digit_cnn": {},
-    # the tutorial: its model, 10 epochs, constant learning rate
+    # the tutorial: its model, 10 epochs, constant learning rate, 20% validation, no
+    # augmentation, no early stopping
     "seed_cnn": {
         "model.architecture": "seed_cnn",
+        "model.augment_rotation": 0,
+        "model.augment_shift": 0,
+        "model.augment_zoom": 0,
         "train.epochs": 10,
         "train.lr_schedule": "constant",
+        "train.early_stopping_patience": 10,
+        "preprocess.val_fraction": 0.2,
     },
 }
 

@@ -17,6 +17,9 @@ from common import REPO, median, project_copy, timed, write_result
 
 TUTORIAL = {
     "model.architecture": "seed_cnn",
+    "model.augment_rotation": 0,
+    "model.augment_shift": 0,
+    "model.augment_zoom": 0,
     "train.epochs": 10,
     "train.batch_size": 128,
     "train.lr_schedule": "constant",

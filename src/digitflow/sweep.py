@@ -110,9 +110,10 @@ def run_trial(
     from . import inference
     from .config import load_params
     from .config import paths as project_paths
+    from .inputs import evaluation_dataset, training_dataset
     from .model import build_model
-    from .preprocess import load_split, stratified_subset
-    from .train import one_hot, optimizer, seed_everything
+    from .preprocess import Arrays, load_split, stratified_subset
+    from .train import optimizer, seed_everything
 
     project = project_paths(Path(root))
     params = apply(load_params(project.params), overrides)
@@ -125,9 +126,12 @@ def run_trial(
     steps = math.ceil(len(y) / params.train.batch_size)
     model.compile(
         optimizer=optimizer(params.train, steps),
-        loss="categorical_crossentropy",
+        loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
+    batch = params.train.batch_size
+    training_data = training_dataset(Arrays(x, y), batch, params.train.seed, params.model)
+    validation_data = evaluation_dataset(val, batch)
     client = mlflow.MlflowClient()
     run = client.create_run(
         experiment_id,
@@ -144,19 +148,16 @@ def run_trial(
     started = time.perf_counter()
     try:
         history = model.fit(
-            x,
-            one_hot(y),
-            batch_size=params.train.batch_size,
+            training_data,
             epochs=params.train.epochs,
-            validation_data=(val.x, one_hot(val.y)),
+            validation_data=validation_data,
+            shuffle=False,
             verbose=0,
         )
         for epoch, values in enumerate(pd.DataFrame(history.history).to_dict("records")):
             for key, value in values.items():
                 client.log_metric(run_id, key, float(value), step=epoch + 1)
-        val_loss, val_accuracy = (
-            float(v) for v in model.evaluate(val.x, one_hot(val.y), verbose=0)
-        )
+        val_loss, val_accuracy = (float(v) for v in model.evaluate(validation_data, verbose=0))
         seconds = time.perf_counter() - started
         client.log_metric(run_id, "val_accuracy_final", val_accuracy)
         client.log_metric(run_id, "train_seconds", seconds)

@@ -14,8 +14,8 @@ import keras
 import numpy as np
 import pandas as pd
 
-from . import inference, plots, tracking
-from .config import NUM_CLASSES, Params, Paths, TrainParams
+from . import inference, inputs, plots, tracking
+from .config import Params, Paths, TrainParams
 from .model import build_model
 from .preprocess import load_split
 
@@ -107,10 +107,6 @@ def distribution_strategy(name: str):
     return tf.distribute.get_strategy()
 
 
-def one_hot(labels: np.ndarray) -> np.ndarray:
-    return keras.utils.to_categorical(labels, NUM_CLASSES)
-
-
 def _history_frame(history: keras.callbacks.History) -> pd.DataFrame:
     frame = pd.DataFrame(history.history)
     frame.insert(0, "epoch", np.arange(1, len(frame) + 1))
@@ -132,9 +128,11 @@ def train(paths: Paths, params: Params) -> TrainResult:
         model = build_model(params.model)
         model.compile(
             optimizer=optimizer(settings, steps),
-            loss="categorical_crossentropy",
+            loss="sparse_categorical_crossentropy",
             metrics=["accuracy"],
         )
+    training_data = inputs.training_dataset(fit, settings.batch_size, settings.seed, params.model)
+    validation_data = inputs.evaluation_dataset(val, settings.batch_size)
     started = time.perf_counter()
     run_name = f"{params.model.architecture}-{time.strftime('%Y%m%d-%H%M%S')}"
     for orphan in tracking.close_orphaned_runs(experiment_id):
@@ -154,11 +152,10 @@ def train(paths: Paths, params: Params) -> TrainResult:
             mlflow.log_artifact(str(paths.validation_report), artifact_path="validation")
         print(f"MLflow run {run_id}: training {params.model.architecture} on {len(fit.y):,} images")
         history = model.fit(
-            fit.x,
-            one_hot(fit.y),
-            batch_size=settings.batch_size,
+            training_data,
             epochs=settings.epochs,
-            validation_data=(val.x, one_hot(val.y)),
+            shuffle=False,  # the dataset reshuffles itself every epoch
+            validation_data=validation_data,
             callbacks=[
                 keras.callbacks.TerminateOnNaN(),
                 keras.callbacks.EarlyStopping(
