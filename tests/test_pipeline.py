@@ -165,6 +165,22 @@ def test_worse_model_leaves_champion_and_records_why(flow_run) -> None:
     assert run_tags["promotion.reason"] == report["reason"]
 
 
+def test_champion_score_is_reused_only_for_the_same_test_set(flow_run) -> None:
+    import mlflow
+    from digitflow.registry import TEST_SET_TAG, champion_score, test_set_fingerprint
+
+    project, _, _ = flow_run
+    name = load_params(project.params).mlflow.registered_model
+    champion = alias_version(name, CHAMPION)
+    tags = mlflow.MlflowClient().get_model_version(name, champion).tags
+    fingerprint = test_set_fingerprint(project)
+    assert tags[TEST_SET_TAG] == fingerprint
+    recorded = champion_score(project, name, champion, fingerprint)
+    assert recorded == float(tags["test_accuracy"])
+    rescored = champion_score(project, name, champion, "another test set")
+    assert abs(rescored - recorded) < 1e-6, "a fresh score of the same model and data must agree"
+
+
 def test_promote_and_rollback_move_the_alias_and_log_it(flow_run) -> None:
     import mlflow
 

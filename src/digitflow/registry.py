@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from .config import Params, Paths, PromotionParams
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 HISTORY_TAG = "champion_history"
+TEST_SET_TAG = "test_set_sha256"
 
 
 class RegistryError(RuntimeError):
@@ -115,6 +117,16 @@ def _audit(name: str, action: str, **details: str) -> None:
     )
 
 
+def test_set_fingerprint(paths: Paths) -> str:
+    """sha256 of the processed test split (images and labels): what a score was measured on."""
+    from .preprocess import load_split
+
+    test = load_split(paths, "test")
+    digest = hashlib.sha256(test.x.tobytes())
+    digest.update(test.y.tobytes())
+    return digest.hexdigest()
+
+
 def score_version(paths: Paths, name: str, version: str) -> float:
     """Test accuracy of a registered version on the current processed test set."""
     from .evaluate import score
@@ -123,6 +135,15 @@ def score_version(paths: Paths, name: str, version: str) -> float:
 
     model = keras_model_of(f"models:/{name}/{version}")
     return score(model, load_split(paths, "test")).accuracy
+
+
+def champion_score(paths: Paths, name: str, version: str, fingerprint: str) -> float:
+    """A version's test accuracy on the current test set: the score recorded on the version
+    when it was measured on this very test set, else a fresh score (new data, new slice)."""
+    tags = _client().get_model_version(name, version).tags
+    if tags.get(TEST_SET_TAG) == fingerprint and "test_accuracy" in tags:
+        return float(tags["test_accuracy"])
+    return score_version(paths, name, version)
 
 
 def consider(
@@ -171,15 +192,16 @@ def register_run(
     name = params.mlflow.registered_model
     client = _client()
     run = client.get_run(run_id)
+    fingerprint = test_set_fingerprint(paths)
     version = _version_of_run(name, run_id)
     if version is None:
-        tags = _version_tags(run, {"test_accuracy": test_accuracy})
+        tags = {**_version_tags(run, test_accuracy), TEST_SET_TAG: fingerprint}
         version = str(mlflow.register_model(model_uri, name, tags=tags).version)
     decision = consider(
         name,
         version,
         test_accuracy,
-        lambda champion: score_version(paths, name, champion),
+        lambda champion: champion_score(paths, name, champion, fingerprint),
         params.promotion,
     )
     for key, value in decision.tags().items():
@@ -200,9 +222,9 @@ def _version_of_run(name: str, run_id: str) -> str | None:
     return str(max(int(v.version) for v in found)) if found else None
 
 
-def _version_tags(run: Any, metrics: dict) -> dict[str, str]:
+def _version_tags(run: Any, test_accuracy: float) -> dict[str, str]:
     return {
-        "test_accuracy": f"{metrics['test_accuracy']:.6f}",
+        "test_accuracy": f"{test_accuracy:.6f}",
         tracking.TAG_DATA_HASH: run.data.tags.get(tracking.TAG_DATA_HASH, "unknown"),
         tracking.TAG_ARCHITECTURE: run.data.tags.get(tracking.TAG_ARCHITECTURE, "unknown"),
         tracking.TAG_COMMIT: run.data.tags.get(tracking.TAG_COMMIT, "unknown"),
