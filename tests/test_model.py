@@ -37,7 +37,7 @@ def test_default_architecture_is_stronger(params) -> None:
     names = [type(layer).__name__ for layer in model.layers]
     assert params.model.architecture == "digit_cnn"
     assert {"BatchNormalization", "Dropout"} <= set(names)
-    assert names.count("Conv2D") == 4
+    assert names.count("Conv2D") == 3
     assert not any(name.startswith("Random") for name in names)  # augmentation is in inputs.py
 
 

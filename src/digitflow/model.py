@@ -29,27 +29,26 @@ def seed_cnn(params: ModelParams) -> keras.Model:
     )
 
 
-def _conv(filters: int) -> list[layers.Layer]:
-    """3x3 convolution (no padding), batch normalisation, ReLU."""
+def _conv(filters: int, kernel: int) -> list[layers.Layer]:
+    """Convolution (no padding), batch normalisation, ReLU."""
     return [
-        layers.Conv2D(filters, 3, use_bias=False),
+        layers.Conv2D(filters, kernel, use_bias=False),
         layers.BatchNormalization(momentum=0.9),
         layers.Activation("relu"),
     ]
 
 
 def digit_cnn(params: ModelParams) -> keras.Model:
-    """The default: two blocks of two batch-normalised 3x3 convolutions and a pool
-    (model.filters, then twice as many), a batch-normalised Dense 256, and dropout.
-    Augmentation happens in the input pipeline (inputs.py), not in the model."""
+    """The default: a batch-normalised 5x5 convolution (model.filters) and a pool, two 3x3
+    convolutions with twice as many filters and a pool, a batch-normalised Dense 256, and
+    dropout. Augmentation happens in the input pipeline (inputs.py), not in the model."""
     return keras.Sequential(
         [
             keras.Input(shape=INPUT_SHAPE),
-            *_conv(params.filters),
-            *_conv(params.filters),
+            *_conv(params.filters, 5),
             layers.MaxPooling2D(2),
-            *_conv(params.filters * 2),
-            *_conv(params.filters * 2),
+            *_conv(params.filters * 2, 3),
+            *_conv(params.filters * 2, 3),
             layers.MaxPooling2D(2),
             layers.Flatten(),
             layers.Dropout(params.dropout),
