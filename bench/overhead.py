@@ -1,9 +1,13 @@
 """Pipeline overhead: the plain tutorial script against the whole pipeline, same model and data.
 
-Both run the tutorial settings (seed_cnn, 10 epochs, batch 128, 20% validation) on the same
-local archives, in alternating order, and the ratio pipeline/plain is reported for the
-Prefect flow (`digitflow run --force`) and for `dvc repro -f`. A last round times each
-stage command on its own, to show where the pipeline's extra time goes.
+Both run the tutorial settings (seed_cnn, 10 epochs, batch 128, 20% validation, no
+augmentation) on the same local archives, in alternating order, and the ratio pipeline/plain
+is reported for:
+  flow         - `digitflow run --force` with no Prefect server configured (Prefect starts a
+                 temporary one for the run)
+  flow_server  - the same against a running `prefect server` (how scheduled runs work)
+  dvc          - `dvc repro -f` (each stage its own `digitflow STAGE` process)
+A last round times each stage command on its own, to show where the extra time goes.
 
     python bench/overhead.py [--rounds 2]
 """
@@ -13,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from common import REPO, median, project_copy, timed, write_result
+from common import REPO, median, prefect_server, project_copy, timed, write_result
 
 TUTORIAL = {
     "model.architecture": "seed_cnn",
@@ -40,24 +44,30 @@ def main() -> None:
     env = {"PREFECT_HOME": str(work / ".prefect"), "MLFLOW_TRACKING_URI": ""}
     plain_cmd = ["python", str(REPO / "bench" / "plain_tutorial.py"), str(work / "data" / "mnist")]
     timed(["digitflow", "run"], work, env)  # warm-up: creates the Prefect and MLflow databases
-    walls: dict[str, list[float]] = {"plain": [], "flow": [], "dvc": []}
-    accuracy: dict[str, list[float]] = {"plain": [], "flow": [], "dvc": []}
+    sides = ("plain", "flow", "flow_server", "dvc")
+    walls: dict[str, list[float]] = {side: [] for side in sides}
+    accuracy: dict[str, list[float]] = {side: [] for side in sides}
     commands = {
         "plain": plain_cmd,
         "flow": ["digitflow", "run", "--force"],
+        "flow_server": ["digitflow", "run", "--force"],
         "dvc": ["dvc", "repro", "-f"],
     }
-    for round_index in range(args.rounds):
-        order = ["plain", "flow", "dvc"] if round_index % 2 == 0 else ["dvc", "flow", "plain"]
-        for side in order:
-            wall, output = timed(commands[side], work, env)
-            walls[side].append(round(wall, 2))
-            if side == "plain":
-                accuracy[side].append(_last_json(output)["test_accuracy"])
-            else:
-                metrics = json.loads((work / "reports" / "evaluation" / "metrics.json").read_text())
-                accuracy[side].append(metrics["test_accuracy"])
-            print(f"round {round_index + 1}: {side} {wall:.1f} s", flush=True)
+    with prefect_server(work / ".prefect-server") as server_env:
+        envs = {side: env for side in sides} | {"flow_server": {**env, **server_env}}
+        for round_index in range(args.rounds):
+            order = sides if round_index % 2 == 0 else tuple(reversed(sides))
+            for side in order:
+                wall, output = timed(commands[side], work, envs[side])
+                walls[side].append(round(wall, 2))
+                if side == "plain":
+                    accuracy[side].append(_last_json(output)["test_accuracy"])
+                else:
+                    metrics = json.loads(
+                        (work / "reports" / "evaluation" / "metrics.json").read_text()
+                    )
+                    accuracy[side].append(metrics["test_accuracy"])
+                print(f"round {round_index + 1}: {side} {wall:.1f} s", flush=True)
     stage_seconds = {stage: round(timed(["digitflow", stage], work, env)[0], 2) for stage in STAGES}
     figures = {
         "settings": TUTORIAL,
@@ -66,6 +76,7 @@ def main() -> None:
         "test_accuracy": accuracy,
         "median_seconds": {side: median(values) for side, values in walls.items()},
         "ratio_flow_over_plain": median(walls["flow"]) / median(walls["plain"]),
+        "ratio_flow_server_over_plain": median(walls["flow_server"]) / median(walls["plain"]),
         "ratio_dvc_over_plain": median(walls["dvc"]) / median(walls["plain"]),
         "stage_command_seconds": stage_seconds,
     }
@@ -77,6 +88,7 @@ def main() -> None:
                 for k in (
                     "median_seconds",
                     "ratio_flow_over_plain",
+                    "ratio_flow_server_over_plain",
                     "ratio_dvc_over_plain",
                     "stage_command_seconds",
                 )

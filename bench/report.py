@@ -23,7 +23,8 @@ def main() -> None:
             runs = len(result["runs"])
             rows.append(
                 f"| `{preset}` test accuracy ({runs} seeds) | {result['test_accuracy_mean']:.4f} ± "
-                f"{result['test_accuracy_std']:.4f}; training {result['train_seconds_mean']:.0f} s mean "
+                f"{result['test_accuracy_std']:.4f}; training {result['train_seconds_mean']:.0f} s mean, "
+                f"{result['train_seconds_max']:.0f} s max "
                 f"| `python bench/accuracy.py --preset {preset} --seeds 1 2 3` | `{result['file']}` |"
             )
     overhead = newest("overhead")
@@ -33,6 +34,12 @@ def main() -> None:
             f"| pipeline overhead, Prefect flow / plain script | {overhead['ratio_flow_over_plain']:.2f} "
             f"({medians['flow']:.0f} s / {medians['plain']:.0f} s) | `python bench/overhead.py` | `{overhead['file']}` |"
         )
+        if "flow_server" in medians:
+            rows.append(
+                f"| pipeline overhead, Prefect flow on a running server / plain script | "
+                f"{overhead['ratio_flow_server_over_plain']:.2f} ({medians['flow_server']:.0f} s / "
+                f"{medians['plain']:.0f} s) | same | same |"
+            )
         rows.append(
             f"| pipeline overhead, `dvc repro -f` / plain script | {overhead['ratio_dvc_over_plain']:.2f} "
             f"({medians['dvc']:.0f} s / {medians['plain']:.0f} s) | same | same |"
@@ -41,16 +48,17 @@ def main() -> None:
     if throughput:
         rates = throughput["median_samples_per_second"]
         rows.append(
-            f"| training throughput, pipeline arrays / numpy | {throughput['ratio_pipeline_over_numpy']:.2f} "
-            f"({rates['pipeline']:.0f} / {rates['numpy']:.0f} samples/s); tf.data cache+prefetch: "
-            f"{throughput['ratio_tf_data_over_numpy']:.2f} | `python bench/throughput.py` | `{throughput['file']}` |"
+            f"| training throughput, pipeline input path / numpy arrays | {throughput['ratio_pipeline_over_numpy']:.2f} "
+            f"({rates['pipeline']:.0f} / {rates['numpy']:.0f} samples/s); with augmentation on: "
+            f"{throughput['ratio_augmented_over_numpy']:.2f} | `python bench/throughput.py` | `{throughput['file']}` |"
         )
     noop = newest("noop")
     if noop:
         medians = noop["median_seconds"]
+        server = f" / {medians['flow_run_server']:.1f} s" if "flow_run_server" in medians else ""
         rows.append(
-            f"| no-op `dvc repro` / no-op flow run | {medians['dvc_repro']:.1f} s / {medians['flow_run']:.1f} s "
-            f"| `python bench/noop.py` | `{noop['file']}` |"
+            f"| no-op `dvc repro` / flow run / flow run on a running server | {medians['dvc_repro']:.1f} s / "
+            f"{medians['flow_run']:.1f} s{server} | `python bench/noop.py` | `{noop['file']}` |"
         )
     validation = newest("validation")
     if validation:

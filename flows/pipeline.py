@@ -1,7 +1,8 @@
 """The Prefect flow: ingest -> validate -> preprocess -> train -> evaluate -> register.
 
-Thin wiring only. Each stage after ingest is a DVC stage (dvc.yaml) run through DVC, so
-dvc.lock stays current and unchanged stages are skipped, whichever door started the run.
+Thin wiring only. Each stage after ingest is a DVC stage (dvc.yaml): DVC decides whether it
+changed, the flow runs its work in this one process (TensorFlow and MLflow load once), and
+DVC records it in dvc.lock, so unchanged stages are skipped whichever door started the run.
 
     python flows/pipeline.py            # same as `digitflow run`
 """
@@ -53,12 +54,14 @@ def admit_batches(root: str) -> list[dict]:
     return [admission.to_dict() for admission in admissions]
 
 
-@task(name="dvc-stage")
+@task(name="stage")
 def run_stage(root: str, stage: str, force: bool = False) -> bool:
-    """Run one DVC stage; returns whether it ran (False: up to date, skipped)."""
-    ran = pipeline.run_stage(paths(Path(root)), stage, force=force)
-    get_run_logger().info("stage %s: %s", stage, "ran" if ran else "up to date, skipped")
-    return ran
+    """Run one stage of dvc.yaml in this process if DVC says it changed, and record it in
+    dvc.lock; returns whether it ran (False: up to date, skipped)."""
+    outcome = pipeline.run_stage_here(paths(Path(root)), stage, force=force)
+    logger = get_run_logger()
+    logger.info("stage %s: %s", stage, outcome or "up to date, skipped")
+    return outcome is not None
 
 
 @flow(name="digitflow-pipeline", log_prints=True)
