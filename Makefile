@@ -45,10 +45,10 @@ bench-sweep: install  ## A 4-trial sweep with 1 Dask worker vs 2
 mlflow-server: install  ## MLflow tracking server on PostgreSQL (DIGITFLOW_TRACKING_BACKEND_URI) with served artifacts
 	digitflow tracking-server
 
-bench-overhead: install  ## Plain tutorial script vs the whole pipeline (writes bench/results/)
+bench-overhead: install  ## Plain tutorial script vs the whole pipeline: flow, flow on a running Prefect server, dvc repro
 	python bench/overhead.py
 
-bench-throughput: install  ## Samples/s: pipeline input path vs numpy arrays vs tf.data
+bench-throughput: install  ## Samples/s: the train stage's tf.data input path vs numpy arrays
 	python bench/throughput.py
 
 bench-noop: install  ## Cost of `dvc repro` and a flow run when nothing changed

@@ -19,6 +19,16 @@ RESULTS = REPO / "bench" / "results"
 PACKAGES = ("tensorflow-cpu", "keras", "prefect", "mlflow", "dvc", "great-expectations", "numpy")
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what platform knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
 def machine() -> dict:
     """Where and with what a benchmark ran."""
     versions = {}
@@ -31,7 +41,9 @@ def machine() -> dict:
         "host": platform.node(),
         "platform": platform.platform(),
         "python": platform.python_version(),
+        "cpu": cpu_model(),
         "cpus": os.cpu_count(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": versions,
     }
