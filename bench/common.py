@@ -85,6 +85,15 @@ def apply_params(params_file: Path, overrides: dict) -> None:
     params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
+def mnist_source() -> list[str]:
+    """Where a scratch project gets MNIST: $DIGITFLOW_MNIST_SOURCE (read by ingest itself),
+    else this checkout's data/mnist (after `make run`), else the public mirrors."""
+    local = REPO / "data" / "mnist"
+    if os.environ.get("DIGITFLOW_MNIST_SOURCE") or not local.is_dir():
+        return []
+    return ["--source", str(local)]
+
+
 def project_copy(name: str, overrides: dict | None = None) -> Path:
     """A fresh clone of this repository under bench/.work/NAME with the dataset ingested."""
     work = REPO / "bench" / ".work" / name
@@ -94,8 +103,7 @@ def project_copy(name: str, overrides: dict | None = None) -> Path:
     subprocess.run(["git", "clone", "-q", str(REPO), str(work)], check=True)
     if overrides:
         apply_params(work / "params.yaml", overrides)
-    source = os.environ.get("DIGITFLOW_MNIST_SOURCE") or str(REPO / "data" / "mnist")
-    timed(["digitflow", "ingest", "--source", source], work)
+    timed(["digitflow", "ingest", *mnist_source()], work)
     return work
 
 
