@@ -33,7 +33,7 @@ def main() -> None:
             walls["dvc_repro"].append(round(wall, 2))
             for side, side_env in (("flow_run", env), ("flow_run_server", {**env, **server_env})):
                 wall, output = timed(["digitflow", "run"], work, side_env)
-                assert "none (up to date)" in output, output
+                assert "none: up to date" in output, output
                 walls[side].append(round(wall, 2))
             print(json.dumps({k: v[-1] for k, v in walls.items()}), flush=True)
     figures = {"wall_seconds": walls, "median_seconds": {k: median(v) for k, v in walls.items()}}
