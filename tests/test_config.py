@@ -19,7 +19,7 @@ def test_repository_params_are_valid() -> None:
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (("val_fraction: 0.2", "val_fraction: 1.5"), "preprocess.val_fraction"),
+        (("val_fraction: 0.1", "val_fraction: 1.5"), "preprocess.val_fraction"),
         (("architecture: digit_cnn", "architecture: resnet9000"), "model.architecture"),
         (("epochs: ", "epochs_typo: "), "train.epochs_typo"),
         (("min_accuracy: 0.97", "min_accuracy: high"), "promotion.min_accuracy"),
