@@ -18,20 +18,19 @@ set_environment_defaults()
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 
-from digitflow import inbox, locking, pipeline, sources, validation  # noqa: E402
+from digitflow import inbox, locking, pipeline, stages  # noqa: E402
 from digitflow import ingest as ingestion  # noqa: E402
 
 
 @task(name="ingest", retries=2, retry_delay_seconds=5)
 def ingest_data(root: str, source: str | None) -> str | None:
     """Fetch and verify MNIST into data/, then record it with DVC; returns the data hash."""
-    logger = get_run_logger()
     project = paths(Path(root))
-    params = load_params(project.params)
-    mirrors = sources.resolve_sources(source, params.data.mirrors)
-    summary = ingestion.ingest(project, params.data, mirrors, gate=validation.staged_gate(params))
-    logger.info("data/: %s (%s)", summary.counts, "fetched" if summary.fetched else "already there")
-    return ingestion.record_with_dvc(project, summary.fetched).data_hash
+    outcome = ingestion.ingest_and_record(project, load_params(project.params), source)
+    logger = get_run_logger()
+    for line in outcome.lines():
+        logger.info("ingest: %s", line)
+    return outcome.recorded.data_hash if outcome.recorded else None
 
 
 @task(name="inbox")
@@ -40,7 +39,7 @@ def admit_batches(root: str) -> list[dict]:
     bad ones. Returns what happened to each."""
     logger = get_run_logger()
     project = paths(Path(root))
-    admissions = inbox.admit_all(project, load_params(project.params))
+    admissions, recorded = inbox.admit_and_record(project, load_params(project.params))
     for admission in admissions:
         if admission.accepted:
             logger.info(
@@ -48,8 +47,7 @@ def admit_batches(root: str) -> list[dict]:
             )
         else:
             logger.warning("batch %s quarantined: %s", admission.source, admission.reason)
-    if any(a.accepted for a in admissions):
-        recorded = ingestion.record_with_dvc(project, fetched=True)
+    if recorded:
         logger.info("data/ is now version %s (pushed to the DVC remote)", recorded.data_hash)
     return [admission.to_dict() for admission in admissions]
 
@@ -60,7 +58,7 @@ def run_stage(root: str, stage: str, force: bool = False) -> bool:
     dvc.lock; returns whether it ran (False: up to date, skipped)."""
     outcome = pipeline.run_stage_here(paths(Path(root)), stage, force=force)
     logger = get_run_logger()
-    logger.info("stage %s: %s", stage, outcome or "up to date, skipped")
+    logger.info("stage %s: %s", stage, outcome.summary if outcome else "up to date, skipped")
     return outcome is not None
 
 
@@ -85,7 +83,7 @@ def mnist_pipeline(
             if nothing_new:
                 logger.info("up to date: no new data, params or code since the last run")
             else:
-                for stage in pipeline.STAGES:
+                for stage in stages.NAMES:
                     if run_stage.with_options(task_run_name=stage)(root, stage, force):
                         ran.append(stage)
             summary = pipeline.summarise(project, ran)

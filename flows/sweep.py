@@ -43,7 +43,7 @@ def sweep_flow(workers: int, dask_address: str | None):
         params = load_params(project.params)
         with locking.pipeline_lock(Path(root), wait_s=None):
             for stage in ("validate", "preprocess"):
-                pipeline.run_stage(project, stage)
+                pipeline.run_stage_here(project, stage)
             settings = params.sweep.model_copy(update={"trials": trials or params.sweep.trials})
             overrides = sweep.trials(settings)
             parent = sweep.start_parent(project, params, overrides)

@@ -21,7 +21,7 @@ def raw(ingested, params) -> dict[str, Split]:
 
 
 def _failures(raw: dict[str, Split], params) -> set[tuple[str, str, str | None]]:
-    report = validate_frame(dataset_frame(raw, params.validate_.ink_threshold), params.validate_)
+    report = validate_frame(dataset_frame(raw, params.validate_.ink_grey_level), params.validate_)
     return {(o.suite, o.expectation, o.column) for o in report.failures}
 
 

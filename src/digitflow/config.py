@@ -17,6 +17,8 @@ from pydantic import (
     model_validator,
 )
 
+from .errors import DigitflowError
+
 PARAMS_FILE = "params.yaml"
 SOURCE_ENV = "DIGITFLOW_MNIST_SOURCE"
 ROOT_ENV = "DIGITFLOW_ROOT"
@@ -25,7 +27,7 @@ NUM_CLASSES = 10
 IMAGE_SIZE = 28
 
 
-class ConfigError(ValueError):
+class ConfigError(DigitflowError, ValueError):
     """params.yaml is missing, unreadable, or holds a bad key or value."""
 
 
@@ -62,7 +64,7 @@ class ValidateParams(_Strict):
     expected_rows: ExpectedRows
     class_share_min: float = Field(ge=0, le=1)
     class_share_max: float = Field(ge=0, le=1)
-    ink_threshold: int = Field(ge=0, le=254)
+    ink_grey_level: int = Field(ge=0, le=254)
     min_ink_fraction: float = Field(ge=0, le=1)
 
     @model_validator(mode="after")
@@ -116,7 +118,10 @@ class ServeParams(_Strict):
     reload_interval_s: float = Field(gt=0)
     max_upload_bytes: int = Field(gt=0)
     max_batch: int = Field(ge=1)
-    ink_threshold: float = Field(gt=0, lt=1)
+
+
+class ImagingParams(_Strict):
+    ink_contrast_share: float = Field(gt=0, lt=1)
     min_contrast: float = Field(gt=0, lt=1)
 
 
@@ -171,6 +176,7 @@ class Params(_Strict):
     mlflow: MlflowParams
     promotion: PromotionParams
     serve: ServeParams
+    imaging: ImagingParams
     inbox: InboxParams
     schedule: ScheduleParams
     sweep: SweepParams

@@ -71,7 +71,7 @@ def pixel_hashes(images: np.ndarray) -> list[str]:
     return [hashlib.blake2b(row.tobytes(), digest_size=12).hexdigest() for row in flat]
 
 
-def image_frame(split: str, data: Split, ink_threshold: int) -> pd.DataFrame:
+def image_frame(split: str, data: Split, ink_grey_level: int) -> pd.DataFrame:
     """One row per image (or per label, when counts differ) with pixel statistics."""
     n_images, n_labels = len(data.images), len(data.labels)
     rows = max(n_images, n_labels)
@@ -91,17 +91,17 @@ def image_frame(split: str, data: Split, ink_threshold: int) -> pd.DataFrame:
     frame["pixel_max"] = padded(flat.max(axis=1) if n_images else np.array([]))
     frame["pixel_mean"] = padded(flat.mean(axis=1) if n_images else np.array([]))
     frame["ink_fraction"] = padded(
-        (flat > ink_threshold).mean(axis=1) if n_images else np.array([])
+        (flat > ink_grey_level).mean(axis=1) if n_images else np.array([])
     )
     hashes = pixel_hashes(data.images) + [None] * (rows - n_images)
     frame["pixel_hash"] = pd.Series(hashes, dtype="object")
     return frame
 
 
-def dataset_frame(raw: dict[str, Split], ink_threshold: int) -> pd.DataFrame:
+def dataset_frame(raw: dict[str, Split], ink_grey_level: int) -> pd.DataFrame:
     """Both splits in one frame, with `in_both_splits` marking images found in train and test."""
     frame = pd.concat(
-        [image_frame(split, data, ink_threshold) for split, data in raw.items()], ignore_index=True
+        [image_frame(split, data, ink_grey_level) for split, data in raw.items()], ignore_index=True
     )
     by_split = {split: set(frame.loc[frame.split == split, "pixel_hash"].dropna()) for split in raw}
     shared = set.intersection(*by_split.values()) if by_split else set()

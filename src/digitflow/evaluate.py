@@ -14,6 +14,7 @@ from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 
 from . import plots, tracking
 from .config import NUM_CLASSES, Params, Paths
+from .contract import StageResult
 from .preprocess import Arrays, load_split
 
 GRID_SIZE = 24
@@ -116,3 +117,12 @@ def _write_outputs(
         out / name
         for name in ("metrics.json", "per_class.csv", "confusion_matrix.png", "prediction_grid.png")
     ]
+
+
+def run_stage(paths: Paths, params: Params) -> StageResult:
+    """The evaluate stage."""
+    metrics = evaluate(paths, params)
+    return StageResult(
+        f"test accuracy {metrics['test_accuracy']:.4f}, loss {metrics['test_loss']:.4f}, "
+        f"{metrics['test_errors']} errors of {metrics['n_test']:,} -> {paths.eval_dir}"
+    )

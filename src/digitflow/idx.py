@@ -9,12 +9,14 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import DigitflowError
+
 UBYTE_TYPE = 0x08
 IMAGE_DIMS = 3
 LABEL_DIMS = 1
 
 
-class IdxError(ValueError):
+class IdxError(DigitflowError, ValueError):
     """A file is not a valid (gzip-compressed) IDX file of the expected kind."""
 
 

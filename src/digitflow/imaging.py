@@ -14,14 +14,15 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .config import ServeParams
+from .config import ImagingParams
+from .errors import DigitflowError
 
 MNIST_SIDE = 28
 DIGIT_BOX = 20
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm")
 
 
-class ImageError(ValueError):
+class ImageError(DigitflowError, ValueError):
     """An input that cannot be turned into a digit image; the message says why."""
 
 
@@ -34,9 +35,9 @@ class InkSettings:
     max_pixels: int = 40_000_000
 
 
-def ink_settings(serve: ServeParams) -> InkSettings:
-    """The preprocessing settings from params.yaml's serve section."""
-    return InkSettings(threshold=serve.ink_threshold, min_contrast=serve.min_contrast)
+def ink_settings(imaging: ImagingParams) -> InkSettings:
+    """The preprocessing settings from params.yaml's imaging section."""
+    return InkSettings(threshold=imaging.ink_contrast_share, min_contrast=imaging.min_contrast)
 
 
 def decode(data: bytes, settings: InkSettings = InkSettings()) -> np.ndarray:

@@ -30,6 +30,7 @@ from .dataset import Split, image_frame, load_raw, pixel_hashes, stored_batches
 from .idx import IdxError, parse_idx, read_images, read_labels
 from .imaging import IMAGE_SUFFIXES, ImageError, ink_settings, prepare, prepare_array
 from .validation import LABELS, Outcome, run_suites
+from .versioning import Recorded, record_with_dvc
 
 MANIFEST_COLUMNS = ["batch_id", "source", "count", "sha256", "added_at", "class_counts"]
 
@@ -84,7 +85,7 @@ def _to_uint8(prepared: np.ndarray) -> np.ndarray:
 
 
 def _from_arrays(source: Path, images: np.ndarray, labels: np.ndarray, params: Params) -> Batch:
-    ink = ink_settings(params.serve)
+    ink = ink_settings(params.imaging)
     kept, kept_labels, problems = [], [], []
     if len(images) != len(labels):
         problems.append(f"{len(images)} images but {len(labels)} labels")
@@ -103,7 +104,7 @@ def _batch(source: Path, images: list, labels: list, problems: list[str]) -> Bat
 
 
 def _read_image_folders(folder: Path, params: Params) -> Batch:
-    ink = ink_settings(params.serve)
+    ink = ink_settings(params.imaging)
     images, labels, problems = [], [], []
     for file in sorted(p for p in folder.rglob("*") if p.is_file()):
         relative = file.relative_to(folder)
@@ -199,7 +200,7 @@ def known_hashes(paths: Paths, params: Params) -> set[str]:
 
 def check_batch(batch: Batch, known: set[str], params: Params) -> tuple[list[str], dict]:
     """Great Expectations and per-file checks against the known images; (problems, report)."""
-    frame = image_frame("batch", Split(batch.images, batch.labels), params.validate_.ink_threshold)
+    frame = image_frame("batch", Split(batch.images, batch.labels), params.validate_.ink_grey_level)
     frame["already_in_dataset"] = frame["pixel_hash"].isin(known)
     frame["label"] = frame["label"].astype("Int64")
     report = run_suites(
@@ -330,3 +331,12 @@ def admit_all(paths: Paths, params: Params) -> list[Admission]:
         return []
     known = known_hashes(paths, params)  # read data/ once, not once per batch
     return [admit(path, paths, params, known) for path in batches]
+
+
+def admit_and_record(paths: Paths, params: Params) -> tuple[list[Admission], Recorded | None]:
+    """Admit or quarantine every inbox batch; when any was admitted, record data/ as a new DVC
+    version and push it. Returns the admissions and what DVC recorded (None: nothing new)."""
+    admissions = admit_all(paths, params)
+    if not any(admission.accepted for admission in admissions):
+        return admissions, None
+    return admissions, record_with_dvc(paths, fetched=True)

@@ -131,7 +131,7 @@ def log_model(keras_file: Path, params: Params) -> str:
     warnings.filterwarnings("ignore", message=".*An input example was not provided")
     info = mlflow.pyfunc.log_model(
         name="model",
-        python_model=DigitClassifier(ink_settings(params.serve)),
+        python_model=DigitClassifier(ink_settings(params.imaging)),
         artifacts={KERAS_ARTIFACT: str(keras_file)},
         code_paths=[str(PACKAGE_DIR)],
         signature=SIGNATURE,

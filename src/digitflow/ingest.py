@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -10,12 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import IMAGE_SIZE, SPLITS, DataParams, FileSpec, Paths
+from .config import IMAGE_SIZE, SOURCE_ENV, SPLITS, DataParams, FileSpec, Params, Paths
+from .errors import DigitflowError
 from .idx import IdxError, read_images, read_labels
-from .sources import ProgressHook, Source, SourceError, fetch_file, sha256_of
+from .sources import ProgressHook, Source, SourceError, fetch_file, resolve_sources, sha256_of
+from .versioning import Recorded, record_with_dvc
 
 
-class IngestError(RuntimeError):
+class IngestError(DigitflowError, RuntimeError):
     """Ingestion failed; data/ was left exactly as it was."""
 
 
@@ -141,20 +144,52 @@ def _digests(specs: dict[str, FileSpec]) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
-class Recorded:
-    """What DVC recorded after ingestion."""
+class IngestOutcome:
+    """What ingestion did, and what DVC recorded (None when recording was skipped)."""
 
-    data_hash: str | None
-    previous_hash: str | None
-    pushed: int
+    summary: IngestSummary
+    recorded: Recorded | None
+
+    def lines(self) -> list[str]:
+        """Human-readable lines for the CLI and the flow's log."""
+        counts = self.summary.counts
+        where = (
+            f"fetched from {self.summary.source}"
+            if self.summary.fetched
+            else "already present and verified"
+        )
+        lines = [f"{where}; train={counts['train']:,} test={counts['test']:,} images"]
+        if self.recorded:
+            state = (
+                "unchanged"
+                if self.recorded.data_hash == self.recorded.previous_hash
+                else f"changed (was {self.recorded.previous_hash})"
+            )
+            lines.append(
+                f"DVC: data.dvc md5 {self.recorded.data_hash} ({state}); "
+                f"pushed {self.recorded.pushed} file(s)"
+            )
+        return lines
 
 
-def record_with_dvc(paths: Paths, fetched: bool) -> Recorded:
-    """`dvc add data` and `dvc push` when data/ is new or differs from data.dvc's cache."""
-    from .versioning import data_hash, data_status_clean, push_data, track_data
+def ingest_and_record(
+    paths: Paths,
+    params: Params,
+    source: str | None = None,
+    force: bool = False,
+    progress_for: ProgressFactory | None = None,
+    record: bool = True,
+) -> IngestOutcome:
+    """The ingest step of the pipeline: fetch and verify MNIST into data/ behind the Great
+    Expectations gate, then `dvc add` and `dvc push` it. Every front door calls this.
 
-    previous = data_hash(paths)
-    if not fetched and previous and data_status_clean(paths):
-        return Recorded(previous, previous, 0)
-    current = track_data(paths)
-    return Recorded(current, previous, push_data(paths))
+    source: a mirror URL, folder or file:// URL (comma-separated to try several); default
+    $DIGITFLOW_MNIST_SOURCE, else params.data.mirrors. On failure data/ is left as it was."""
+    from .validation import staged_gate
+
+    sources = resolve_sources(source or os.environ.get(SOURCE_ENV), params.data.mirrors)
+    try:
+        summary = ingest(paths, params.data, sources, force, progress_for, staged_gate(params))
+    except (IngestError, IdxError) as exc:
+        raise IngestError(f"{exc}\ndata/ was left unchanged.") from exc
+    return IngestOutcome(summary, record_with_dvc(paths, summary.fetched) if record else None)

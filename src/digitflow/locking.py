@@ -13,11 +13,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import DigitflowError
+
 LOCK_NAME = ".digitflow.lock"
 POLL_S = 0.5
 
 
-class PipelineBusy(RuntimeError):
+class PipelineBusy(DigitflowError, RuntimeError):
     """Another pipeline run holds the lock."""
 
 

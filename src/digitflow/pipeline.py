@@ -1,63 +1,29 @@
-"""Running the DVC stages from Python (for the Prefect flow) and summarising a pipeline run."""
+"""Running the DVC stages inside one process (for the Prefect flows) and summarising a run."""
 
 from __future__ import annotations
 
 import json
-import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from . import stages
 from .config import Paths, load_params
-from .stages import STAGE_FUNCTIONS
+from .contract import StageResult
 from .versioning import data_hash, dvc_repo
 
-STAGES = tuple(STAGE_FUNCTIONS)
 
-
-class StageError(RuntimeError):
-    """A DVC stage failed; its outputs were not committed to dvc.lock."""
-
-
-def _with_own_bin_on_path() -> None:
-    """Stage commands call `digitflow`; make sure it resolves to this interpreter's install."""
-    own_bin = str(Path(sys.executable).parent)
-    if not os.environ.get("PATH", "").startswith(own_bin + os.pathsep):
-        os.environ["PATH"] = own_bin + os.pathsep + os.environ.get("PATH", "")
-
-
-def _target(paths: Paths, stage: str) -> str:
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
-    return f"{paths.root / 'dvc.yaml'}:{stage}"
-
-
-def run_stage(paths: Paths, stage: str, force: bool = False) -> bool:
-    """`dvc repro --single-item STAGE`; returns True if it ran, False if DVC skipped it."""
-    from dvc.exceptions import DvcException
-
-    target = _target(paths, stage)
-    _with_own_bin_on_path()
-    try:
-        with dvc_repo(paths.root) as repo:
-            ran = repo.reproduce(target, single_item=True, force=force)
-    except DvcException as exc:
-        raise StageError(f"stage '{stage}' failed: {exc}") from exc
-    return bool(ran)
-
-
-def run_stage_here(paths: Paths, stage: str, force: bool = False) -> str | None:
+def run_stage_here(paths: Paths, stage: str, force: bool = False) -> StageResult | None:
     """Run a stage in this process when DVC says it changed (or when forced), then record it
     in dvc.lock as `dvc repro` would (`dvc commit -f STAGE`). Returns what the stage reported,
     or None when it was up to date and skipped."""
-    target = _target(paths, stage)
+    target = f"{paths.root / 'dvc.yaml'}:{stages.get(stage).name}"
     with dvc_repo(paths.root) as repo, repo.lock:
         (dvc_stage,) = repo.stage.collect(target)
         if not force and not dvc_stage.changed():
             return None
         dvc_stage.remove_outs(ignore_remove=False, force=False)
-    outcome = STAGE_FUNCTIONS[stage](paths, load_params(paths.params))
+    outcome = stages.run(stage, paths, load_params(paths.params))
     with dvc_repo(paths.root) as repo:
         repo.commit(target, force=True)
     return outcome

@@ -12,10 +12,11 @@ import pandas as pd
 from . import inference, plots
 from .config import Params, Paths
 from .dataset import load_raw
+from .errors import DigitflowError
 from .imaging import IMAGE_SUFFIXES
 
 
-class ModelNotFound(RuntimeError):
+class ModelNotFound(DigitflowError, RuntimeError):
     """The requested model (usually the champion) does not exist yet."""
 
 

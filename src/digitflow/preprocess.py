@@ -9,6 +9,7 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 from .config import Params, Paths
+from .contract import StageResult
 from .dataset import load_raw
 
 PROCESSED_SPLITS = ("train", "val", "test")
@@ -73,3 +74,10 @@ def load_split(paths: Paths, split: str) -> Arrays:
     """Load one processed split."""
     with np.load(split_file(paths, split)) as data:
         return Arrays(x=data["x"], y=data["y"])
+
+
+def run_stage(paths: Paths, params: Params) -> StageResult:
+    """The preprocess stage."""
+    sizes = preprocess(paths, params)
+    split_sizes = ", ".join(f"{split} {count:,}" for split, count in sizes.items())
+    return StageResult(f"{split_sizes} images -> {paths.processed}")

@@ -11,6 +11,8 @@ from typing import Any
 
 from . import tracking
 from .config import Params, Paths, PromotionParams
+from .contract import StageResult
+from .errors import DigitflowError
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -18,7 +20,7 @@ HISTORY_TAG = "champion_history"
 TEST_SET_TAG = "test_set_sha256"
 
 
-class RegistryError(RuntimeError):
+class RegistryError(DigitflowError, RuntimeError):
     """A registry action could not be done (unknown version, nothing to roll back to...)."""
 
 
@@ -181,6 +183,13 @@ def register(paths: Paths, params: Params) -> Decision:
     info = tracking.read_run_info(paths)
     metrics = json.loads(paths.eval_metrics.read_text())
     return register_run(paths, params, info["run_id"], info["model_uri"], metrics["test_accuracy"])
+
+
+def run_stage(paths: Paths, params: Params) -> StageResult:
+    """The register stage."""
+    decision = register(paths, params)
+    verdict = "promoted to champion" if decision.promoted else "not promoted"
+    return StageResult(f"version {decision.challenger_version} {verdict}: {decision.reason}")
 
 
 def register_run(

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 
+from .errors import DigitflowError
+
 SERVER_HELP = (
     "start one with `prefect server start --host 127.0.0.1` and "
     "`export PREFECT_API_URL=http://127.0.0.1:4200/api`"
 )
 
 
-class SchedulingError(RuntimeError):
+class SchedulingError(DigitflowError, RuntimeError):
     """No Prefect server to hold the deployment and its schedule."""
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from .config import FileSpec
+from .errors import DigitflowError
 
 CHUNK_BYTES = 1 << 16
 USER_AGENT = "digitflow-ingest/0.1"
@@ -20,7 +21,7 @@ ProgressHook = Callable[[int, int | None], None]
 """Called with (bytes just read, total bytes or None)."""
 
 
-class SourceError(RuntimeError):
+class SourceError(DigitflowError, RuntimeError):
     """A source could not deliver a file, or delivered the wrong bytes."""
 
 

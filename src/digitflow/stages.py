@@ -1,74 +1,88 @@
-"""The pipeline's stages as Python functions, for running them inside one process.
+"""The registry of pipeline stages, in pipeline order: one name, one function each.
 
-`dvc repro` runs each stage as its own `digitflow STAGE` command. The Prefect flow runs the
-same work through these functions instead, so TensorFlow, MLflow and the data are loaded once
-per flow run rather than once per stage; `pipeline.run_stage_here` then records the stage in
-dvc.lock exactly as `dvc repro` would. Each function fails the way its command does.
+Each stage's function is `run_stage(paths, params) -> StageResult` in the module named here
+(the module that holds its logic). Everything that runs a stage goes through `run`: the
+`digitflow STAGE` commands that `dvc repro` runs, and the Prefect flow's tasks. dvc.yaml's
+code dependencies of a stage are computed from the same module (`depgraph.py`).
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
 
 from .config import Params, Paths
+from .contract import StageResult
 
 
-class StageFailed(RuntimeError):
-    """A stage's own check failed (such as the data failing validation)."""
+@dataclass(frozen=True)
+class Stage:
+    """One stage of dvc.yaml: its name, the module holding its function, and what it does."""
+
+    name: str
+    module: str
+    help: str
+    tracked: bool  # talks to MLflow: an unreachable tracking server becomes one clear error
+
+    def function(self) -> Callable[[Paths, Params], StageResult]:
+        """The stage's `run_stage` (imported on first use: TensorFlow and MLflow are slow)."""
+        return importlib.import_module(self.module).run_stage
 
 
-def validate(paths: Paths, params: Params) -> str:
-    """The Great Expectations gate over data/; fails when any expectation is not met."""
-    from .validation import validate_data
-
-    report = validate_data(paths, params)
-    if not report.success:
-        failed = "; ".join(outcome.describe() for outcome in report.failures)
-        raise StageFailed(f"the dataset failed validation; training must not use it: {failed}")
-    return f"{len(report.outcomes)} expectations met"
-
-
-def preprocess(paths: Paths, params: Params) -> str:
-    from .preprocess import preprocess as run_preprocess
-
-    return f"split sizes {run_preprocess(paths, params)}"
-
-
-def train(paths: Paths, params: Params) -> str:
-    from .tracking import tracking_uri, unavailable_as_error
-    from .train import train as run_train
-
-    with unavailable_as_error(tracking_uri(paths)):
-        result = run_train(paths, params)
-    return (
-        f"best val accuracy {result.best_val_accuracy:.4f} after {result.epochs_run} epochs "
-        f"({result.seconds:.0f} s), MLflow run {result.run_id}"
+STAGES: dict[str, Stage] = {
+    stage.name: stage
+    for stage in (
+        Stage(
+            "validate",
+            "digitflow.validation",
+            "Run the Great Expectations suite over data/; write a JSON report and Data Docs.",
+            tracked=False,
+        ),
+        Stage(
+            "preprocess",
+            "digitflow.preprocess",
+            "Scale to [0, 1], add the channel axis, take subsets, split validation off train.",
+            tracked=False,
+        ),
+        Stage(
+            "train",
+            "digitflow.train",
+            "Train the architecture named in params.yaml and log the run to MLflow.",
+            tracked=True,
+        ),
+        Stage(
+            "evaluate",
+            "digitflow.evaluate",
+            "Score the trained model on the test set; write metrics, plots and a prediction grid.",
+            tracked=True,
+        ),
+        Stage(
+            "register",
+            "digitflow.registry",
+            "Register the trained model as challenger; promote it to champion if it earns it.",
+            tracked=True,
+        ),
     )
-
-
-def evaluate(paths: Paths, params: Params) -> str:
-    from .evaluate import evaluate as run_evaluate
-    from .tracking import tracking_uri, unavailable_as_error
-
-    with unavailable_as_error(tracking_uri(paths)):
-        metrics = run_evaluate(paths, params)
-    return f"test accuracy {metrics['test_accuracy']:.4f}"
-
-
-def register(paths: Paths, params: Params) -> str:
-    from .registry import register as run_register
-    from .tracking import tracking_uri, unavailable_as_error
-
-    with unavailable_as_error(tracking_uri(paths)):
-        decision = run_register(paths, params)
-    verdict = "promoted to champion" if decision.promoted else "not promoted"
-    return f"version {decision.challenger_version} {verdict}: {decision.reason}"
-
-
-STAGE_FUNCTIONS: dict[str, Callable[[Paths, Params], str]] = {
-    "validate": validate,
-    "preprocess": preprocess,
-    "train": train,
-    "evaluate": evaluate,
-    "register": register,
 }
+NAMES = tuple(STAGES)
+
+
+def get(name: str) -> Stage:
+    """The stage called name; a ValueError naming the known ones otherwise."""
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; expected one of {', '.join(NAMES)}")
+    return STAGES[name]
+
+
+def run(name: str, paths: Paths, params: Params) -> StageResult:
+    """Run one stage's function; the one way every front door runs a stage."""
+    stage = get(name)
+    guard = nullcontext()
+    if stage.tracked:
+        from .tracking import tracking_uri, unavailable_as_error
+
+        guard = unavailable_as_error(tracking_uri(paths))
+    with guard:
+        return stage.function()(paths, params)

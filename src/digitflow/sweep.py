@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import os
 import random
 import time
@@ -110,28 +109,15 @@ def run_trial(
     from . import inference
     from .config import load_params
     from .config import paths as project_paths
-    from .inputs import evaluation_dataset, training_dataset
-    from .model import build_model
     from .preprocess import Arrays, load_split, stratified_subset
-    from .train import optimizer, seed_everything
+    from .train import fit_model
 
     project = project_paths(Path(root))
     params = apply(load_params(project.params), overrides)
     experiment_id = tracking.configure(project, params)
     fit, val = load_split(project, "train"), load_split(project, "val")
     keep = stratified_subset(fit.y, params.sweep.max_train_samples, params.train.seed)
-    x, y = fit.x[keep], fit.y[keep]
-    seed_everything(params.train)
-    model = build_model(params.model)
-    steps = math.ceil(len(y) / params.train.batch_size)
-    model.compile(
-        optimizer=optimizer(params.train, steps),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
-    batch = params.train.batch_size
-    training_data = training_dataset(Arrays(x, y), batch, params.train.seed, params.model)
-    validation_data = evaluation_dataset(val, batch)
+    subset = Arrays(fit.x[keep], fit.y[keep])
     client = mlflow.MlflowClient()
     run = client.create_run(
         experiment_id,
@@ -141,29 +127,20 @@ def run_trial(
     run_id = run.info.run_id
     for key, value in {
         **tracking.flat_params(params),
-        "data.n_train": len(y),
+        "data.n_train": len(subset.y),
         "sweep.trial": index,
     }.items():
         client.log_param(run_id, key, value)
-    started = time.perf_counter()
     try:
-        history = model.fit(
-            training_data,
-            epochs=params.train.epochs,
-            validation_data=validation_data,
-            shuffle=False,
-            verbose=0,
-        )
-        for epoch, values in enumerate(pd.DataFrame(history.history).to_dict("records")):
-            for key, value in values.items():
-                client.log_metric(run_id, key, float(value), step=epoch + 1)
-        val_loss, val_accuracy = (float(v) for v in model.evaluate(validation_data, verbose=0))
-        seconds = time.perf_counter() - started
+        fitted = fit_model(params, subset, val, run_id, verbose=0)
+        best_epoch = int(fitted.history["val_loss"].idxmin())
+        val_loss = float(fitted.history["val_loss"][best_epoch])
+        val_accuracy = float(fitted.history["val_accuracy"][best_epoch])
         client.log_metric(run_id, "val_accuracy_final", val_accuracy)
-        client.log_metric(run_id, "train_seconds", seconds)
+        client.log_metric(run_id, "train_seconds", fitted.seconds)
         keras_file = project.root / "artifacts" / "sweep" / f"{run_id}.keras"
         keras_file.parent.mkdir(parents=True, exist_ok=True)
-        model.save(keras_file)
+        fitted.model.save(keras_file)
         with mlflow.start_run(run_id=run_id):
             model_uri = inference.log_model(keras_file, params)
         keras_file.unlink()
@@ -172,7 +149,7 @@ def run_trial(
         raise
     client.set_terminated(run_id, "FINISHED")
     return TrialResult(
-        index, run_id, model_uri, overrides, val_accuracy, val_loss, round(seconds, 2)
+        index, run_id, model_uri, overrides, val_accuracy, val_loss, round(fitted.seconds, 2)
     )
 
 

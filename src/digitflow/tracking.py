@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Params, Paths
+from .errors import DigitflowError
 from .versioning import data_hash
 
 TAG_COMMIT = "git_commit"
@@ -28,7 +29,7 @@ CREDENTIALS_IN_URL = re.compile(r"://[^/@\s'\"]+@")
 URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 
 
-class TrackingError(RuntimeError):
+class TrackingError(DigitflowError, RuntimeError):
     """The MLflow tracking server could not be reached, even after retries."""
 
 

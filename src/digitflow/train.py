@@ -16,11 +16,13 @@ import pandas as pd
 
 from . import inference, inputs, plots, tracking
 from .config import Params, Paths, TrainParams
+from .contract import StageResult
+from .errors import DigitflowError
 from .model import build_model
-from .preprocess import load_split
+from .preprocess import Arrays, load_split
 
 
-class TrainingError(RuntimeError):
+class TrainingError(DigitflowError, RuntimeError):
     """Training could not produce a usable model."""
 
 
@@ -113,6 +115,56 @@ def _history_frame(history: keras.callbacks.History) -> pd.DataFrame:
     return frame
 
 
+@dataclass(frozen=True)
+class Fitted:
+    """A fitted model (best epoch's weights), its per-epoch history and the fit's wall time."""
+
+    model: keras.Model
+    history: pd.DataFrame
+    seconds: float
+    replicas: int
+
+
+def fit_model(params: Params, fit: Arrays, val: Arrays, run_id: str, verbose: int = 2) -> Fitted:
+    """The training core, shared by the train stage and sweep trials: seed, build and compile
+    the configured CNN, fit it on the augmented input path with early stopping, and log every
+    epoch to the MLflow run `run_id`. A loss that turns NaN is a TrainingError."""
+    settings = params.train
+    seed_everything(settings)
+    strategy = distribution_strategy(settings.strategy)
+    with strategy.scope():
+        model = build_model(params.model)
+        model.compile(
+            optimizer=optimizer(settings, math.ceil(len(fit.y) / settings.batch_size)),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+        )
+    started = time.perf_counter()
+    history = model.fit(
+        inputs.training_dataset(fit, settings.batch_size, settings.seed, params.model),
+        epochs=settings.epochs,
+        shuffle=False,  # the dataset reshuffles itself every epoch
+        validation_data=inputs.evaluation_dataset(val, settings.batch_size),
+        callbacks=[
+            keras.callbacks.TerminateOnNaN(),
+            keras.callbacks.EarlyStopping(
+                monitor="val_loss",
+                patience=settings.early_stopping_patience,
+                restore_best_weights=True,
+            ),
+            MlflowEpochLogger(run_id),
+        ],
+        verbose=verbose,
+    )
+    frame = _history_frame(history)
+    if not np.isfinite(frame["loss"]).all() or not np.isfinite(frame["val_loss"]).all():
+        raise TrainingError(
+            f"the loss became NaN in epoch {len(frame)}; training stopped and nothing was "
+            "saved or registered (try a lower train.learning_rate)"
+        )
+    return Fitted(model, frame, time.perf_counter() - started, strategy.num_replicas_in_sync)
+
+
 def train(paths: Paths, params: Params) -> TrainResult:
     """processed arrays -> model.keras, history, curves, and an MLflow run holding them all."""
     import mlflow
@@ -120,20 +172,6 @@ def train(paths: Paths, params: Params) -> TrainResult:
     _preflight(paths)
     experiment_id = tracking.configure(paths, params)
     fit, val = load_split(paths, "train"), load_split(paths, "val")
-    settings = params.train
-    seed_everything(settings)
-    steps = math.ceil(len(fit.y) / settings.batch_size)
-    strategy = distribution_strategy(settings.strategy)
-    with strategy.scope():
-        model = build_model(params.model)
-        model.compile(
-            optimizer=optimizer(settings, steps),
-            loss="sparse_categorical_crossentropy",
-            metrics=["accuracy"],
-        )
-    training_data = inputs.training_dataset(fit, settings.batch_size, settings.seed, params.model)
-    validation_data = inputs.evaluation_dataset(val, settings.batch_size)
-    started = time.perf_counter()
     run_name = f"{params.model.architecture}-{time.strftime('%Y%m%d-%H%M%S')}"
     for orphan in tracking.close_orphaned_runs(experiment_id):
         print(f"MLflow run {orphan} was left RUNNING by a process that died; marked KILLED")
@@ -141,42 +179,16 @@ def train(paths: Paths, params: Params) -> TrainResult:
         run_id = run.info.run_id
         mlflow.set_tags({**tracking.run_tags(paths, params), **tracking.process_tags()})
         mlflow.log_params(tracking.flat_params(params))
-        mlflow.log_params(
-            {
-                "data.n_train": len(fit.y),
-                "data.n_val": len(val.y),
-                "train.replicas": strategy.num_replicas_in_sync,
-            }
-        )
+        mlflow.log_params({"data.n_train": len(fit.y), "data.n_val": len(val.y)})
         if paths.validation_report.is_file():
             mlflow.log_artifact(str(paths.validation_report), artifact_path="validation")
         print(f"MLflow run {run_id}: training {params.model.architecture} on {len(fit.y):,} images")
-        history = model.fit(
-            training_data,
-            epochs=settings.epochs,
-            shuffle=False,  # the dataset reshuffles itself every epoch
-            validation_data=validation_data,
-            callbacks=[
-                keras.callbacks.TerminateOnNaN(),
-                keras.callbacks.EarlyStopping(
-                    monitor="val_loss",
-                    patience=settings.early_stopping_patience,
-                    restore_best_weights=True,
-                ),
-                MlflowEpochLogger(run_id),
-            ],
-            verbose=2,
-        )
-        frame = _history_frame(history)
-        if not np.isfinite(frame["loss"]).all() or not np.isfinite(frame["val_loss"]).all():
-            raise TrainingError(
-                f"the loss became NaN in epoch {len(frame)}; training stopped and nothing was "
-                "saved or registered (try a lower train.learning_rate)"
-            )
-        seconds = time.perf_counter() - started
+        fitted = fit_model(params, fit, val, run_id)
+        mlflow.log_param("train.replicas", fitted.replicas)
+        frame = fitted.history
         with writing(paths.model_file):
             paths.model_dir.mkdir(parents=True, exist_ok=True)
-            model.save(paths.model_file)
+            fitted.model.save(paths.model_file)
         model_uri = inference.log_model(paths.model_file, params)
         best_epoch = int(frame["val_loss"].idxmin())
         metrics = {
@@ -184,7 +196,7 @@ def train(paths: Paths, params: Params) -> TrainResult:
             "epochs_run": len(frame),
             "best_val_accuracy": float(frame["val_accuracy"][best_epoch]),
             "best_val_loss": float(frame["val_loss"][best_epoch]),
-            "train_seconds": round(seconds, 2),
+            "train_seconds": round(fitted.seconds, 2),
         }
         mlflow.log_metrics(metrics)
         with writing(paths.reports):
@@ -196,7 +208,7 @@ def train(paths: Paths, params: Params) -> TrainResult:
         tracking.write_run_info(
             paths, {"run_id": run_id, "experiment_id": experiment_id, "model_uri": model_uri}
         )
-    return TrainResult(run_id, model_uri, metrics["best_val_accuracy"], len(frame), seconds)
+    return TrainResult(run_id, model_uri, metrics["best_val_accuracy"], len(frame), fitted.seconds)
 
 
 def _write_outputs(paths: Paths, frame: pd.DataFrame, metrics: dict) -> None:
@@ -204,3 +216,12 @@ def _write_outputs(paths: Paths, frame: pd.DataFrame, metrics: dict) -> None:
     frame.to_csv(paths.history_csv, index=False, float_format="%.6f")
     plots.training_curves(frame, paths.reports / "plots" / "training_curves.png")
     paths.train_metrics.write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+def run_stage(paths: Paths, params: Params) -> StageResult:
+    """The train stage."""
+    result = train(paths, params)
+    return StageResult(
+        f"{params.model.architecture}: best val accuracy {result.best_val_accuracy:.4f} after "
+        f"{result.epochs_run} epochs ({result.seconds:.0f} s); MLflow run {result.run_id}"
+    )

@@ -13,6 +13,7 @@ from typing import Any
 import pandas as pd
 
 from .config import NUM_CLASSES, SPLITS, Params, Paths, ValidateParams
+from .contract import StageFailed, StageResult
 from .dataset import batch_rows, class_shares, dataset_frame, load_folder, load_raw, split_files
 
 LABELS = list(range(NUM_CLASSES))
@@ -234,7 +235,7 @@ def write_report(report: ValidationReport, path: Path) -> None:
 def validate_data(paths: Paths, params: Params) -> ValidationReport:
     """The validate stage: data/ -> report.json, class_counts.csv and Data Docs."""
     raw = load_raw(paths, params.data)
-    frame = dataset_frame(raw, params.validate_.ink_threshold)
+    frame = dataset_frame(raw, params.validate_.ink_grey_level)
     docs_dir = paths.validation_dir / "data_docs"
     if docs_dir.exists():
         shutil.rmtree(docs_dir)
@@ -248,7 +249,7 @@ def staged_gate(params: Params) -> Callable[[Path], list[str]]:
     """A gate for ingestion: validate the archives in a staging folder before they land."""
 
     def check(folder: Path) -> list[str]:
-        frame = dataset_frame(load_folder(folder, params.data), params.validate_.ink_threshold)
+        frame = dataset_frame(load_folder(folder, params.data), params.validate_.ink_grey_level)
         report = validate_frame(frame, params.validate_)
         return [
             f"{_files_of(outcome, params)}: {outcome.describe()}" for outcome in report.failures
@@ -262,3 +263,24 @@ def _files_of(outcome: Outcome, params: Params) -> str:
     split = outcome.suite.removeprefix("mnist_")
     splits = [split] if split in SPLITS else list(SPLITS)
     return ", ".join(name for s in splits for name in split_files(params.data, s))
+
+
+def run_stage(paths: Paths, params: Params) -> StageResult:
+    """The validate stage; fails, naming each unmet expectation, when the data must not be used."""
+    report = validate_data(paths, params)
+    rows = report.stats["rows"]
+    met = sum(outcome.success for outcome in report.outcomes)
+    if not report.success:
+        failed = "\n".join(f"  FAILED {outcome.describe()}" for outcome in report.failures)
+        raise StageFailed(
+            f"the dataset failed validation; training must not use it "
+            f"(report: {paths.validation_report}):\n{failed}"
+        )
+    return StageResult(
+        f"{rows.get('train', 0):,} train + {rows.get('test', 0):,} test images: "
+        f"{met}/{len(report.outcomes)} expectations met",
+        (
+            f"report: {paths.validation_report}",
+            f"Data Docs: {paths.validation_dir / 'data_docs' / 'index.html'}",
+        ),
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import chdir, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,3 +56,21 @@ def data_status_clean(paths: Paths) -> bool:
     """True when data/ matches data.dvc (`dvc status data.dvc` reports nothing)."""
     with dvc_repo(paths.root) as repo:
         return not repo.status(targets=[str(paths.data_dvc)])
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What DVC recorded after ingestion."""
+
+    data_hash: str | None
+    previous_hash: str | None
+    pushed: int
+
+
+def record_with_dvc(paths: Paths, fetched: bool) -> Recorded:
+    """`dvc add data` and `dvc push` when data/ is new or differs from data.dvc's cache."""
+    previous = data_hash(paths)
+    if not fetched and previous and data_status_clean(paths):
+        return Recorded(previous, previous, 0)
+    current = track_data(paths)
+    return Recorded(current, previous, push_data(paths))

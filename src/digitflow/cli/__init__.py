@@ -1,0 +1,35 @@
+"""The `digitflow` command line: Typer sub-apps by concern, merged into one command."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from ..config import set_environment_defaults
+
+set_environment_defaults()
+
+from . import operations, registry, serving, stages  # noqa: E402
+
+app = typer.Typer(
+    help=(
+        "MNIST digit recognition that ingests, validates, trains, tracks and promotes itself.\n\n"
+        "Stages (run in this order by `digitflow run` and by `dvc repro`): "
+        "ingest -> validate -> preprocess -> train -> evaluate -> register."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+for sub_app in (stages.app, registry.app, serving.app, operations.app):
+    app.add_typer(sub_app)
+
+
+def main() -> None:
+    """Entry point for `python -m digitflow`."""
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

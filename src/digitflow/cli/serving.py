@@ -1,0 +1,168 @@
+"""Using the champion: predict files, serve HTTP and the drawing page, show the tutorial picture."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from ..config import Params
+from ..console import console, errors
+from .common import RootOption, configured, fail, reported
+
+PANEL = "Using the champion"
+app = typer.Typer()
+
+ModelUriOption = Annotated[
+    str | None,
+    typer.Option(
+        "--model-uri",
+        help="Any MLflow model URI (runs:/ID/model, models:/NAME/3). Default: models:/NAME@champion.",
+    ),
+]
+
+
+def model_uri_or_champion(params: Params, model_uri: str | None) -> str:
+    """The model URI given, else the registered model's champion alias."""
+    from ..inference import champion_uri
+
+    return model_uri or champion_uri(params)
+
+
+def _tracking_guard(project):
+    from ..tracking import tracking_uri, unavailable_as_error
+
+    return unavailable_as_error(tracking_uri(project))
+
+
+@app.command(rich_help_panel=PANEL)
+def predict(
+    targets: Annotated[
+        list[Path],
+        typer.Argument(help="Image files (PNG, JPG, ...) and/or folders to search for them."),
+    ],
+    model_uri: ModelUriOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    root: RootOption = None,
+) -> None:
+    """Digit, probability and top three for each image; dark-on-light and light-on-dark both work.
+
+    Exits 1 when any file could not be read as a digit (the others are still predicted).
+    """
+    from ..predict import as_records, collect_images, load_model, predict_files
+
+    project, params = configured(root)
+    files = collect_images(targets)
+    if not files:
+        fail("no image files found in " + ", ".join(str(t) for t in targets))
+    uri = model_uri_or_champion(params, model_uri)
+    with reported(), _tracking_guard(project):
+        model = load_model(uri)
+    records = as_records(predict_files(model, files))
+    failed = sum(1 for record in records if record["error"])
+    if as_json:
+        print(json.dumps(records, indent=2))
+    else:
+        console.print(_predictions_table(records, uri))
+    if failed:
+        (errors if as_json else console).print(
+            f"[red]{failed} of {len(records)} file(s) could not be predicted[/]"
+        )
+        raise typer.Exit(1)
+
+
+def _predictions_table(records: list[dict], uri: str):
+    from rich.table import Table
+
+    table = Table(title=f"{len(records)} image(s), model {uri}")
+    for column in ("file", "digit", "probability", "top 3 / error"):
+        table.add_column(column)
+    for record in records:
+        if record["error"]:
+            table.add_row(
+                escape(record["file"]), "[red]-[/]", "", f"[red]{escape(record['error'])}[/]"
+            )
+            continue
+        top3 = "  ".join(f"{t['digit']}: {t['probability']:.3f}" for t in record["top3"])
+        table.add_row(
+            escape(record["file"]),
+            f"[bold]{record['digit']}[/]",
+            f"{record['probability']:.3f}",
+            top3,
+        )
+    return table
+
+
+@app.command(rich_help_panel=PANEL)
+def serve(
+    host: Annotated[
+        str | None, typer.Option(help="Interface to bind (default: serve.host, 127.0.0.1).")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: serve.port).")] = None,
+    model_uri: Annotated[
+        str | None,
+        typer.Option(
+            "--model-uri",
+            help="Serve this model only, never reloaded. Default: the champion, reloaded when its alias moves.",
+        ),
+    ] = None,
+    root: RootOption = None,
+) -> None:
+    """HTTP API (POST /predict, GET /health, /docs) and a drawing page at / for the champion."""
+    from ..serving import ChampionHolder, FixedModel
+    from ..serving import serve as run_server
+
+    project, params = configured(root)
+    settings = params.serve
+    try:
+        with reported(), _tracking_guard(project):
+            if model_uri:
+                holder = FixedModel(model_uri)
+            else:
+                holder = ChampionHolder(
+                    params.mlflow.registered_model, "champion", settings.reload_interval_s
+                )
+                holder.refresh()
+    except typer.Exit:
+        raise
+    except Exception as exc:  # MLflow: no such model or alias
+        fail(
+            f"cannot load the model to serve: {getattr(exc, 'message', exc)} (run `digitflow run` first)"
+        )
+    bind_host, bind_port = host or settings.host, port or settings.port
+    console.print(
+        f"drawing page: http://{bind_host}:{bind_port}/   API docs: http://{bind_host}:{bind_port}/docs"
+    )
+    run_server(holder, settings, bind_host, bind_port)
+
+
+@app.command(rich_help_panel=PANEL)
+def show(
+    count: Annotated[int, typer.Option(min=1, max=120, help="How many test images.")] = 24,
+    wrong_only: Annotated[
+        bool, typer.Option("--errors", help="Show only misclassified test images.")
+    ] = False,
+    output: Annotated[
+        Path | None,
+        typer.Option(help="PNG to write (default: reports/plots/champion_predictions.png)."),
+    ] = None,
+    model_uri: ModelUriOption = None,
+    root: RootOption = None,
+) -> None:
+    """The tutorial's picture: test images with predicted and true labels, wrong ones in red."""
+    from ..predict import show as draw_predictions
+
+    project, params = configured(root)
+    target = output or project.reports / "plots" / "champion_predictions.png"
+    uri = model_uri_or_champion(params, model_uri)
+    try:
+        with reported(), _tracking_guard(project):
+            result = draw_predictions(project, params, uri, count, target, wrong_only)
+    except FileNotFoundError as exc:
+        fail(f"{exc} (run `digitflow ingest` or `dvc pull data.dvc` first)")
+    console.print(
+        f"[bold]show[/] {result.shown} test images, {result.wrong} wrong -> {result.path}"
+    )
