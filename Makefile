@@ -6,7 +6,7 @@ BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 UI_PORT ?= 5000
 
-.PHONY: help install run test lint format ui repro clean bench-overhead bench-throughput bench-noop bench-validation bench-accuracy bench-serving bench-sweep mlflow-server
+.PHONY: help install run test test-fast deps lint format ui repro clean bench-overhead bench-throughput bench-noop bench-validation bench-accuracy bench-serving bench-sweep mlflow-server
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -22,8 +22,14 @@ install: $(VENV)/.installed  ## Create .venv and install the package with its de
 run: install  ## The main job: ingest, validate, train, evaluate and promote on the full dataset
 	digitflow run
 
-test: install  ## Run the test suite (small slices, real components)
+test: install  ## Run the whole test suite (small slices, real components, real servers)
 	pytest
+
+test-fast: install  ## The fast tier, for every few minutes: no training, no servers, no browser
+	pytest -m "not slow"
+
+deps: install  ## Recompute dvc.yaml's src/ dependencies of each stage from its imports
+	python -m digitflow.depgraph --write
 
 lint: install  ## Ruff lint and format check
 	ruff check src flows tests bench

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from digitflow.config import Params, Paths, load_params, set_environment_defaults
 
@@ -92,6 +94,38 @@ def ingested(tmp_path_factory: pytest.TempPathFactory, mnist_source: Path) -> Pa
     return paths
 
 
+def set_params(paths: Paths, changes: dict[tuple[str, str], object]) -> None:
+    """Edit params.yaml the way a user would (dvc exp run -S does the same)."""
+    raw = yaml.safe_load(paths.params.read_text())
+    for (section, key), value in changes.items():
+        raw[section][key] = value
+    paths.params.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def stages_run(output: str) -> list[str]:
+    """The stages `dvc repro` ran, in order, from its output."""
+    return re.findall(r"Running stage '(\w+)'", output)
+
+
+def clone_project(source: Paths, target: Path) -> Paths:
+    """A private copy of a prepared project (with its git repo, DVC cache and remote, and
+    MLflow store), so a test can change it without touching what other tests see."""
+    shutil.copytree(source.root.parent, target, symlinks=True)
+    return Paths((target / source.root.name).resolve())
+
+
+# The pipeline on a slice: tiny and quick, but a real model that clears a low gate.
+PIPELINE_SLICE = {
+    ("data", "max_train_samples"): 2000,
+    ("data", "max_test_samples"): 500,
+    ("model", "architecture"): "seed_cnn",
+    ("train", "epochs"): 2,
+    ("train", "lr_schedule"): "constant",
+    ("promotion", "min_accuracy"): 0.3,
+    ("promotion", "min_delta"): 0.001,
+}
+
+
 def tree_digest(folder: Path) -> dict[str, bytes]:
     """Every file under folder with its bytes, to prove a folder did not change."""
     if not folder.exists():
@@ -154,8 +188,6 @@ SERVING_SLICE = {
 @pytest.fixture(scope="session")
 def champion(tmp_path_factory: pytest.TempPathFactory, ingested: Paths) -> Paths:
     """A slice project with a model trained, evaluated and registered: version 1 is champion."""
-    from test_pipeline import set_params
-
     from digitflow.evaluate import evaluate
     from digitflow.preprocess import preprocess
     from digitflow.registry import register

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import requests
 from conftest import REPO, free_port, run, tree_digest
 
@@ -35,6 +36,7 @@ def test_ingest_matches_committed_hash_and_round_trips(project, mnist_source) ->
     assert run(["dvc", "status", "data.dvc"], project.root).stdout.strip().endswith("up to date.")
 
 
+@pytest.mark.slow
 def test_validate_stage_runs_once(project, mnist_source) -> None:
     run(["digitflow", "ingest", "--no-dvc", "--source", str(mnist_source)], project.root)
     first = run(["dvc", "repro", "validate"], project.root)
@@ -44,6 +46,7 @@ def test_validate_stage_runs_once(project, mnist_source) -> None:
     assert "Running stage" not in second.stdout
 
 
+@pytest.mark.slow
 def test_dvc_remote_on_s3_compatible_storage_round_trips(project, ingested) -> None:
     """`dvc remote add -d ... s3://` against a real S3-compatible server (moto) on 127.0.0.1."""
     import boto3

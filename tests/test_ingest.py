@@ -131,11 +131,21 @@ def test_already_verified_data_is_not_fetched_again(project, params, mnist_sourc
     assert not summary.fetched
 
 
-def test_file_url_and_env_source(params, mnist_source, monkeypatch):
+def test_file_url_and_comma_separated_sources(params, mnist_source):
     sources = resolve_sources(f"{dead_url()},file://{mnist_source}", params.data.mirrors)
     assert [s.is_remote for s in sources] == [True, False]
     assert sources[1].local_dir() == mnist_source
     assert resolve_sources(None, params.data.mirrors)[0].location == params.data.mirrors[0]
+
+
+def test_env_source_is_used_when_no_source_is_given(project, params, mnist_source, monkeypatch):
+    from digitflow.ingest import ingest_and_record
+
+    monkeypatch.setenv("DIGITFLOW_MNIST_SOURCE", f"{dead_url()},file://{mnist_source}")
+    outcome = ingest_and_record(project, params, record=False)
+    assert outcome.summary.fetched and outcome.summary.source == f"file://{mnist_source}"
+    assert outcome.recorded is None
+    assert outcome.summary.counts == {"train": 60_000, "test": 10_000}
 
 
 def test_idx_parser_rejects_bad_headers() -> None:

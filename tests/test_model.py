@@ -55,6 +55,7 @@ def _fit_once(train: TrainParams, model_params: ModelParams, x: np.ndarray, y: n
     return history.history["loss"]
 
 
+@pytest.mark.slow
 def test_training_is_deterministic_when_asked(params) -> None:
     rng = np.random.default_rng(0)
     x = rng.random((256, 28, 28, 1), dtype=np.float32)

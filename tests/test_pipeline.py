@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import shutil
 
 import pytest
 import yaml
-from conftest import load_module, make_project, run
+from conftest import (
+    PIPELINE_SLICE,
+    clone_project,
+    load_module,
+    make_project,
+    run,
+    set_params,
+    stages_run,
+)
 
 from digitflow import tracking
 from digitflow.config import Paths, load_params
@@ -18,37 +25,15 @@ from digitflow.versioning import data_hash
 
 pytestmark = pytest.mark.slow
 
-SLICE = {
-    ("data", "max_train_samples"): 2000,
-    ("data", "max_test_samples"): 500,
-    ("model", "architecture"): "seed_cnn",
-    ("train", "epochs"): 2,
-    ("train", "lr_schedule"): "constant",
-    ("promotion", "min_accuracy"): 0.3,
-    ("promotion", "min_delta"): 0.001,
-}
-
-
-def set_params(paths: Paths, changes: dict[tuple[str, str], object]) -> None:
-    """Edit params.yaml the way a user would (dvc exp run -S does the same)."""
-    raw = yaml.safe_load(paths.params.read_text())
-    for (section, key), value in changes.items():
-        raw[section][key] = value
-    paths.params.write_text(yaml.safe_dump(raw, sort_keys=False))
-
-
-def stages_run(output: str) -> list[str]:
-    return re.findall(r"Running stage '(\w+)'", output)
-
 
 @pytest.fixture(scope="module")
-def flow_run(tmp_path_factory, ingested: Paths) -> tuple[Paths, dict, object]:
+def pipeline_once(tmp_path_factory, ingested: Paths) -> tuple[Paths, dict, object]:
     """One real Prefect flow run of the whole pipeline on a slice, against a temporary server."""
     from prefect.client.orchestration import get_client
     from prefect.testing.utilities import prefect_test_harness
 
     project = make_project(tmp_path_factory.mktemp("pipeline") / "project")
-    set_params(project, SLICE)
+    set_params(project, PIPELINE_SLICE)
     run(["git", "commit", "-qam", "slice params"], project.root)
     shutil.copytree(ingested.raw, project.raw)
     flow_module = load_module(project.root / "flows" / "pipeline.py")
@@ -62,8 +47,23 @@ def flow_run(tmp_path_factory, ingested: Paths) -> tuple[Paths, dict, object]:
                 return flow_run.state
 
         server_state = asyncio.run(read_state())
-    tracking.configure(project, load_params(project.params))
     return project, summary, server_state
+
+
+@pytest.fixture
+def flow_run(pipeline_once) -> tuple[Paths, dict, object]:
+    """The module's flow run, read only; MLflow points at its store."""
+    project = pipeline_once[0]
+    tracking.configure(project, load_params(project.params))
+    return pipeline_once
+
+
+@pytest.fixture
+def own_project(pipeline_once, tmp_path) -> Paths:
+    """A private copy of the flow run's project, for a test that changes it."""
+    project = clone_project(pipeline_once[0], tmp_path / "clone")
+    tracking.configure(project, load_params(project.params))
+    return project
 
 
 def test_flow_runs_every_stage_and_reports(flow_run) -> None:
@@ -128,8 +128,8 @@ def test_second_repro_reruns_nothing(flow_run) -> None:
     assert "Data and pipelines are up to date" in result.stdout
 
 
-def test_changing_one_param_reruns_only_downstream_stages(flow_run) -> None:
-    project, _, _ = flow_run
+def test_changing_one_param_reruns_only_downstream_stages(own_project: Paths) -> None:
+    project = own_project
     set_params(project, {("promotion", "min_delta"): 0.002})
     assert stages_run(run(["dvc", "repro"], project.root).stdout) == ["register"]
     report = json.loads(project.promotion_report.read_text())
@@ -143,10 +143,10 @@ def test_changing_one_param_reruns_only_downstream_stages(flow_run) -> None:
     ]
 
 
-def test_worse_model_leaves_champion_and_records_why(flow_run) -> None:
+def test_worse_model_leaves_champion_and_records_why(own_project: Paths) -> None:
     import mlflow
 
-    project, _, _ = flow_run
+    project = own_project
     name = load_params(project.params).mlflow.registered_model
     champion_before = alias_version(name, CHAMPION)
     set_params(project, {("train", "learning_rate"): 1e-6, ("promotion", "min_accuracy"): 0.01})
@@ -181,13 +181,14 @@ def test_champion_score_is_reused_only_for_the_same_test_set(flow_run) -> None:
     assert abs(rescored - recorded) < 1e-6, "a fresh score of the same model and data must agree"
 
 
-def test_promote_and_rollback_move_the_alias_and_log_it(flow_run) -> None:
+def test_promote_and_rollback_move_the_alias_and_log_it(own_project: Paths) -> None:
     import mlflow
 
-    project, _, _ = flow_run
+    project = own_project
     name = load_params(project.params).mlflow.registered_model
     before = alias_version(name, CHAMPION)
-    latest = alias_version(name, CHALLENGER)
+    model_uri = json.loads(project.run_info.read_text())["model_uri"]
+    latest = str(mlflow.register_model(model_uri, name).version)
     assert before != latest
     promoted = run(["digitflow", "promote", latest, "--reason", "canary test"], project.root)
     assert f"-> {latest}" in promoted.stdout
@@ -201,18 +202,16 @@ def test_promote_and_rollback_move_the_alias_and_log_it(flow_run) -> None:
     assert [a["action"] for a in actions][-2:] == ["manual-promote", "rollback"]
     assert actions[-1]["reason"] == "canary failed"
     listing = json.loads(run(["digitflow", "models", "--json"], project.root).stdout)
-    assert [row["version"] for row in listing] == ["1", "2", "3"]
-    assert CHAMPION in listing[int(before) - 1]["aliases"]
+    assert [row["version"] for row in listing] == [before, latest]
+    assert CHAMPION in listing[0]["aliases"]
     assert listing[0]["data_hash"] == data_hash(project)
 
 
-def test_rollback_with_no_previous_champion_is_a_clear_error(flow_run) -> None:
-    project, _, _ = flow_run
-    run(["digitflow", "rollback"], project.root)  # back to the very first champion
-    result = run(["digitflow", "rollback"], project.root, check=False)
+def test_rollback_with_no_previous_champion_is_a_clear_error(own_project: Paths) -> None:
+    result = run(["digitflow", "rollback"], own_project.root, check=False)
     assert result.returncode == 1
     assert "nothing to roll back to" in result.stdout
-    unknown = run(["digitflow", "promote", "99", "--reason", "x"], project.root, check=False)
+    unknown = run(["digitflow", "promote", "99", "--reason", "x"], own_project.root, check=False)
     assert unknown.returncode == 1 and "no version 99" in unknown.stdout
 
 

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import free_port, make_project, run, wait_until_up
-from test_pipeline import SLICE
+from conftest import PIPELINE_SLICE, free_port, make_project, run, set_params, wait_until_up
 
 from digitflow.config import Paths, load_params
 
@@ -110,11 +109,9 @@ def tracking_server(postgres: str, tmp_path_factory) -> tuple[str, Path]:
 
 
 def test_pipeline_against_mlflow_on_postgresql(tmp_path, tracking_server, ingested: Paths) -> None:
-    from test_pipeline import set_params
-
     url, artifacts = tracking_server
     project = make_project(tmp_path / "project")
-    set_params(project, SLICE)
+    set_params(project, PIPELINE_SLICE)
     shutil.copytree(ingested.raw, project.raw)
     run(["dvc", "repro"], project.root, env={"MLFLOW_TRACKING_URI": url})
     assert not (project.mlflow_dir / "mlflow.db").exists()  # nothing went to the embedded store
@@ -147,7 +144,7 @@ def test_pipeline_against_mlflow_on_postgresql(tmp_path, tracking_server, ingest
 
 
 SWEEP = {
-    **SLICE,
+    **PIPELINE_SLICE,
     ("sweep", "method"): "random",
     ("sweep", "trials"): 4,
     ("sweep", "workers"): 2,
@@ -158,8 +155,6 @@ SWEEP = {
 
 
 def test_sweep_fans_trials_out_on_dask_and_registers_the_best(tmp_path, ingested: Paths) -> None:
-    from test_pipeline import set_params
-
     import mlflow
     from digitflow import tracking
     from digitflow.registry import CHAMPION, alias_version, list_versions
@@ -202,8 +197,6 @@ def test_sweep_fans_trials_out_on_dask_and_registers_the_best(tmp_path, ingested
 
 def test_sweep_on_an_existing_dask_cluster(tmp_path, ingested: Paths) -> None:
     """`--dask-address` sends the trials to a Dask scheduler started outside the sweep."""
-    from test_pipeline import set_params
-
     import mlflow
     from digitflow import tracking
 

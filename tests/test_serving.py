@@ -254,20 +254,22 @@ def test_moving_the_champion_alias_is_picked_up_without_restart(server, champion
     source = mlflow.MlflowClient().get_model_version(name, "1").source
     new_version = mlflow.register_model(source, name).version
     run(["digitflow", "promote", str(new_version), "--reason", "serving test"], champion.root)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if requests.get(f"{server}/health", timeout=10).json()["version"] == str(new_version):
-            break
-        time.sleep(0.5)
-    else:
-        pytest.fail("the server kept serving the old version")
-    reply = requests.post(
-        f"{server}/predict",
-        files={"file": ("d.png", encode_png(np.eye(28, dtype=np.uint8) * 255))},
-        timeout=30,
-    )
-    assert reply.json()["model_version"] == str(new_version)
-    run(["digitflow", "rollback", "--reason", "serving test done"], champion.root)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if requests.get(f"{server}/health", timeout=10).json()["version"] == str(new_version):
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("the server kept serving the old version")
+        reply = requests.post(
+            f"{server}/predict",
+            files={"file": ("d.png", encode_png(np.eye(28, dtype=np.uint8) * 255))},
+            timeout=30,
+        )
+        assert reply.json()["model_version"] == str(new_version)
+    finally:  # the session's champion is shared: put it back whatever happened
+        run(["digitflow", "rollback", "--reason", "serving test done"], champion.root)
 
 
 def _chromium() -> str | None:
