@@ -1,13 +1,19 @@
-"""Print the README's results table from the newest JSON file of each benchmark.
+"""The results table of docs/benchmarks.md, made from the newest JSON file of each benchmark.
 
-python bench/report.py
+python bench/report.py            # print the table
+python bench/report.py --write    # put it into docs/benchmarks.md (between the markers)
+python bench/report.py --check    # exit 1 when docs/benchmarks.md holds another table
 """
 
 from __future__ import annotations
 
 import json
+import sys
 
-from common import RESULTS
+from common import REPO, RESULTS
+
+DOC = REPO / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- results:begin (bench/report.py --write) -->", "<!-- results:end -->"
 
 
 def newest(prefix: str) -> dict | None:
@@ -15,8 +21,18 @@ def newest(prefix: str) -> dict | None:
     return json.loads(files[-1].read_text()) | {"file": files[-1].name} if files else None
 
 
-def main() -> None:
-    rows = ["| figure | value | command | result file |", "| --- | --- | --- | --- |"]
+def machine_of(result: dict) -> str:
+    """The CPU model and date a result file records."""
+    machine = result.get("machine", {})
+    return f"{machine.get('cpu', 'CPU not recorded')}, {machine.get('date', '?')[:10]}"
+
+
+def table() -> str:
+    """One row per figure: value, the command that measures it, its result file and machine."""
+    rows = [
+        "| figure | value | command | result file (machine, date) |",
+        "| --- | --- | --- | --- |",
+    ]
     for preset in ("seed_cnn", "digit_cnn"):
         result = newest(f"accuracy-{preset}")
         if result:
@@ -25,14 +41,14 @@ def main() -> None:
                 f"| `{preset}` test accuracy ({runs} seeds) | {result['test_accuracy_mean']:.4f} ± "
                 f"{result['test_accuracy_std']:.4f}; training {result['train_seconds_mean']:.0f} s mean, "
                 f"{result['train_seconds_max']:.0f} s max "
-                f"| `python bench/accuracy.py --preset {preset} --seeds 1 2 3` | `{result['file']}` |"
+                f"| `python bench/accuracy.py --preset {preset} --seeds 1 2 3` | `{result['file']}` ({machine_of(result)}) |"
             )
     overhead = newest("overhead")
     if overhead:
         medians = overhead["median_seconds"]
         rows.append(
             f"| pipeline overhead, Prefect flow / plain script | {overhead['ratio_flow_over_plain']:.2f} "
-            f"({medians['flow']:.0f} s / {medians['plain']:.0f} s) | `python bench/overhead.py` | `{overhead['file']}` |"
+            f"({medians['flow']:.0f} s / {medians['plain']:.0f} s) | `python bench/overhead.py` | `{overhead['file']}` ({machine_of(overhead)}) |"
         )
         if "flow_server" in medians:
             rows.append(
@@ -50,7 +66,7 @@ def main() -> None:
         rows.append(
             f"| training throughput, pipeline input path / numpy arrays | {throughput['ratio_pipeline_over_numpy']:.2f} "
             f"({rates['pipeline']:.0f} / {rates['numpy']:.0f} samples/s); with augmentation on: "
-            f"{throughput['ratio_augmented_over_numpy']:.2f} | `python bench/throughput.py` | `{throughput['file']}` |"
+            f"{throughput['ratio_augmented_over_numpy']:.2f} | `python bench/throughput.py` | `{throughput['file']}` ({machine_of(throughput)}) |"
         )
     noop = newest("noop")
     if noop:
@@ -58,21 +74,21 @@ def main() -> None:
         server = f" / {medians['flow_run_server']:.1f} s" if "flow_run_server" in medians else ""
         rows.append(
             f"| no-op `dvc repro` / flow run / flow run on a running server | {medians['dvc_repro']:.1f} s / "
-            f"{medians['flow_run']:.1f} s{server} | `python bench/noop.py` | `{noop['file']}` |"
+            f"{medians['flow_run']:.1f} s{server} | `python bench/noop.py` | `{noop['file']}` ({machine_of(noop)}) |"
         )
     validation = newest("validation")
     if validation:
         rows.append(
             f"| `digitflow validate`, 70,000 images | {validation['median_command_wall_seconds']:.1f} s "
             f"({validation['median_validation_seconds']:.1f} s after imports) | `python bench/validation_cost.py` "
-            f"| `{validation['file']}` |"
+            f"| `{validation['file']}` ({machine_of(validation)}) |"
         )
     serving = newest("serving")
     if serving:
         latency, rates = serving["single_image_latency_ms"], serving["median_images_per_second"]
         rows.append(
             f"| served model: one image over HTTP | p50 {latency['p50']:.1f} ms, p99 {latency['p99']:.1f} ms "
-            f"| `python bench/serving.py` | `{serving['file']}` |"
+            f"| `python bench/serving.py` | `{serving['file']}` ({machine_of(serving)}) |"
         )
         rows.append(
             f"| served model: batches of {serving['settings']['batch']} over HTTP / plain `model.predict` per batch "
@@ -84,10 +100,30 @@ def main() -> None:
         medians = sweep["median_seconds"]
         rows.append(
             f"| 4-trial sweep, 1 Dask worker / 2 workers | {medians['workers_1']:.0f} s / {medians['workers_2']:.0f} s "
-            f"(speed-up {sweep['speed_up_2_over_1']:.2f}) | `python bench/sweep.py` | `{sweep['file']}` |"
+            f"(speed-up {sweep['speed_up_2_over_1']:.2f}) | `python bench/sweep.py` | `{sweep['file']}` ({machine_of(sweep)}) |"
         )
-    print("\n".join(rows))
+    return "\n".join(rows) + "\n"
+
+
+def with_table(document: str, rows: str) -> str:
+    """document with the text between the markers replaced by rows."""
+    head, rest = document.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{BEGIN}\n{rows}{END}{tail}"
+
+
+def main(argv: list[str]) -> int:
+    rows = table()
+    if "--write" in argv:
+        DOC.write_text(with_table(DOC.read_text(), rows))
+    elif "--check" in argv:
+        if with_table(DOC.read_text(), rows) != DOC.read_text():
+            print(f"{DOC} is stale: run `python bench/report.py --write`")
+            return 1
+    else:
+        print(rows, end="")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,22 @@
+"""The README stays short and its links resolve; the benchmark table matches the result files."""
+
+from __future__ import annotations
+
+import re
+
+from conftest import REPO, run
+
+
+def test_readme_is_short_and_every_local_link_exists() -> None:
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.encode()) < 10_240, (
+        "the README is for a five-minute read: move detail to docs/"
+    )
+    for document in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", document.read_text()):
+            assert (document.parent / target).exists(), f"{document.name} links to {target}"
+
+
+def test_benchmark_table_is_generated_from_the_result_files() -> None:
+    result = run(["python", "bench/report.py", "--check"], REPO, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
