@@ -80,10 +80,11 @@ def sweep(
     ] = None,
     root: RootOption = None,
 ) -> None:
-    """Hyper-parameter sweep over sweep.space: trials in parallel on Dask, each an MLflow child
-    run; the best on the validation set is registered and may become champion.
+    """Hyper-parameter sweep over sweep.space on Dask; the best trial may become champion.
 
-    Trials are cheap by default (sweep.max_train_samples images, sweep.epochs epochs).
+    Trials run in parallel, each an MLflow child run; the best on the validation set is scored
+    on the test set, registered and put through the promotion policy. Trials are cheap by
+    default (sweep.max_train_samples images, sweep.epochs epochs).
     """
     project, params = setup(root)
     settings = params.sweep
