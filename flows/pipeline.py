@@ -45,6 +45,8 @@ def admit_batches(root: str) -> list[dict]:
             logger.info(
                 "batch %s: %d images %s", admission.source, admission.count, admission.reason
             )
+        elif admission.deferred:
+            logger.info("batch %s: %s", admission.source, admission.reason)
         else:
             logger.warning("batch %s quarantined: %s", admission.source, admission.reason)
     if recorded:

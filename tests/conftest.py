@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -126,6 +128,18 @@ PIPELINE_SLICE = {
 }
 
 
+def png_claiming(width: int, height: int) -> bytes:
+    """A 45-byte PNG that claims width x height grey pixels and holds none: an image bomb's
+    header, refused (or not) before anything is decoded."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
 def tree_digest(folder: Path) -> dict[str, bytes]:
     """Every file under folder with its bytes, to prove a folder did not change."""
     if not folder.exists():
@@ -180,8 +194,10 @@ SERVING_SLICE = {
     ("train", "lr_schedule"): "constant",
     ("promotion", "min_accuracy"): 0.3,
     ("serve", "reload_interval_s"): 1,
-    ("serve", "max_batch"): 8,
-    ("serve", "max_upload_bytes"): 2_000_000,
+    ("serve", "max_batch"): 64,
+    ("serve", "max_upload_bytes"): 5_000_000,
+    ("serve", "max_request_pixels"): 64_000_000,
+    ("serve", "read_timeout_s"): 3,
 }
 
 

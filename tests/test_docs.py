@@ -20,3 +20,14 @@ def test_readme_is_short_and_every_local_link_exists() -> None:
 def test_benchmark_table_is_generated_from_the_result_files() -> None:
     result = run(["python", "bench/report.py", "--check"], REPO, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_failure_table_names_only_tests_that_exist() -> None:
+    """Every test the failure-modes table cites is a test function in tests/."""
+    table = (REPO / "docs" / "failure-modes.md").read_text()
+    cited = set(re.findall(r"`(?:test_\w+\.py::)?(test_\w+)(?:\[[^\]]*\])?`", table))
+    defined = set()
+    for module in (REPO / "tests").glob("test_*.py"):
+        defined |= set(re.findall(r"^def (test_\w+)\(", module.read_text(), flags=re.M))
+    assert cited, "the table cites no test"
+    assert cited <= defined, f"cited but not defined: {sorted(cited - defined)}"

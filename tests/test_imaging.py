@@ -86,3 +86,31 @@ def test_truncated_file_is_a_damaged_image(digits) -> None:
     Image.fromarray(255 - digits[1]).resize((200, 200)).save(buffer, format="JPEG")
     with pytest.raises(ImageError, match="damaged image|not an image"):
         prepare(buffer.getvalue()[:300])
+
+
+def test_a_bomb_header_is_refused_before_decoding() -> None:
+    from conftest import png_claiming
+
+    with pytest.raises(ImageError, match="image too large"):
+        prepare(png_claiming(14000, 14000))  # 196 MP: Pillow's own check, same limit
+    with pytest.raises(ImageError, match=r"image too large: 5000x5000 pixels"):
+        prepare(png_claiming(5000, 5000))  # 25 MP: over imaging.max_pixels by its header
+
+
+def test_only_the_formats_a_user_sends_are_opened() -> None:
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n0 0 moveto 10 10 lineto stroke\n"
+    with pytest.raises(ImageError, match="not an image: no accepted image format"):
+        prepare(eps)
+    buffer = io.BytesIO()
+    Image.new("LAB", (32, 32), (50, 0, 0)).save(buffer, "TIFF")
+    with pytest.raises(ImageError, match="unsupported image: ValueError"):
+        prepare(buffer.getvalue())
+
+
+def test_transparency_is_ink_only_in_a_mostly_transparent_image(digits) -> None:
+    paper = np.stack([255 - digits[2]] * 3 + [np.full((28, 28), 255, np.uint8)], axis=-1)
+    paper = np.asarray(Image.fromarray(paper).resize((112, 112), Image.BICUBIC)).copy()
+    opaque = prepare(encode_png(paper))
+    paper[:10, :10, 3] = 0  # a transparent corner on a photo of paper
+    assert _correlation(prepare(encode_png(paper)), opaque) > 0.99
+    assert _correlation(opaque, digits[2] / 255.0) > 0.9

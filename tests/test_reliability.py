@@ -16,8 +16,18 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
-from conftest import REPO, clone_project, free_port, make_project, run, set_params, tree_digest
+from conftest import (
+    REPO,
+    clone_project,
+    free_port,
+    make_project,
+    png_claiming,
+    run,
+    set_params,
+    tree_digest,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mirror import serve
@@ -431,6 +441,52 @@ def test_tracking_server_stopping_mid_run(tmp_path: Path, trained: Paths) -> Non
     assert f"MLflow tracking server {uri} unreachable after retries" in output
     offline = mlflow.MlflowClient(tracking_uri=backend, registry_uri=backend)
     assert offline.search_registered_models() == []
+
+
+@pytest.mark.slow
+def test_bad_inbox_batches_are_quarantined_and_the_run_goes_on(
+    tmp_path: Path, trained: Paths, mnist_source: Path
+) -> None:
+    """A half-copied .npz, a folder named `images`, a bomb PNG in a label folder and a batch
+    that is a symbolic link, beside one good batch, in one real flow run."""
+    from PIL import Image, ImageFilter
+
+    params = load_params(trained.params)
+    inbox = trained.inbox(params)
+    digits = read_images(mnist_source / TRAIN_IMAGES)[-40:]
+    labels = read_labels(mnist_source / TRAIN_LABELS)[-40:]
+    thick = np.stack(
+        [np.asarray(Image.fromarray(d).filter(ImageFilter.MaxFilter(3))) for d in digits]
+    )
+    inbox.mkdir()
+    np.savez(inbox / "e-good.npz", images=thick, labels=labels)
+    np.savez(tmp_path / "whole.npz", images=thick, labels=labels)
+    whole = (tmp_path / "whole.npz").read_bytes()
+    (inbox / "a-half-copied.npz").write_bytes(whole[: len(whole) // 2])
+    (inbox / "b-idx-pair" / "images").mkdir(parents=True)
+    write_idx(inbox / "b-idx-pair" / "labels-idx1-ubyte.gz", labels)
+    (inbox / "c-bomb" / "7").mkdir(parents=True)
+    (inbox / "c-bomb" / "7" / "bomb.png").write_bytes(png_claiming(14000, 14000))
+    elsewhere = tmp_path / "not-in-the-inbox"
+    (elsewhere / "1").mkdir(parents=True)
+    Image.fromarray(255 - thick[0]).save(elsewhere / "1" / "one.png")
+    (inbox / "d-linked").symlink_to(elsewhere)
+    result = run(
+        ["digitflow", "run"],
+        trained.root,
+        env={"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": ""},
+    )
+    assert "pipeline finished" in result.stdout
+    batches = {b["source"]: b for b in json.loads(trained.last_run.read_text())["batches"]}
+    assert batches["e-good.npz"]["accepted"] and batches["e-good.npz"]["count"] == 40
+    for name in ("a-half-copied.npz", "b-idx-pair", "c-bomb", "d-linked"):
+        assert not batches[name]["accepted"], batches[name]
+        assert Path(batches[name]["report"]).is_file()
+    assert "not an npz" in batches["a-half-copied.npz"]["reason"]
+    assert "image too large" in batches["c-bomb"]["reason"]
+    assert "symbolic link" in batches["d-linked"]["reason"]
+    assert list(inbox.iterdir()) == []
+    assert (elsewhere / "1" / "one.png").is_file(), "the link's target must not be touched"
 
 
 # ---------------------------------------------------------------- registry property test

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
+import select
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,8 +19,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
-from conftest import free_port, run, wait_until_up
+from conftest import free_port, png_claiming, run, wait_until_up
 from paper import on_paper
+from PIL import Image
 
 from digitflow import tracking
 from digitflow.config import Paths, load_params
@@ -148,8 +153,9 @@ def test_show_writes_the_tutorial_picture(champion) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(champion):
-    """`digitflow serve` as a real uvicorn process on a free port; stopped after the module."""
+def served(champion):
+    """`digitflow serve` as a real uvicorn process on a free port: (base URL, process); stopped
+    after the module."""
     port = free_port()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     log = champion.root / "serve.log"
@@ -163,9 +169,15 @@ def server(champion):
         )
     base = f"http://127.0.0.1:{port}"
     wait_until_up(f"{base}/health", process, log)
-    yield base
+    yield base, process
     process.terminate()
     process.wait(timeout=30)
+
+
+@pytest.fixture
+def server(served) -> str:
+    """The served API's base URL."""
+    return served[0]
 
 
 def test_health_and_openapi(server) -> None:
@@ -175,6 +187,10 @@ def test_health_and_openapi(server) -> None:
     spec = requests.get(f"{server}/openapi.json", timeout=10).json()
     body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]
     assert {"multipart/form-data", "application/json"} <= set(body)
+    assert body["application/json"]["schema"]["properties"]["images"]["maxItems"] == 64
+    refusals = spec["paths"]["/predict"]["post"]["responses"]
+    assert {"400", "408", "413", "415", "422"} <= set(refusals)
+    assert "empty multipart form" in refusals["400"]["description"]
     assert requests.get(f"{server}/docs", timeout=10).ok
 
 
@@ -205,8 +221,8 @@ def test_predict_over_http_multipart_and_json(server, photos) -> None:
     [
         ({"files": {"file": ("notes.txt", b"plain text")}}, 422, "not an image"),
         ({"files": {"file": ("empty.png", b"")}}, 422, "empty file"),
-        ({"files": {"file": ("big.png", b"\x89PNG" + bytes(2_100_000))}}, 413, "limit"),
-        ({"files": [("file", (f"{i}.png", b"x")) for i in range(9)]}, 413, "at most 8"),
+        ({"files": {"file": ("big.png", b"\x89PNG" + bytes(5_100_000))}}, 413, "limit"),
+        ({"files": [("file", (f"{i}.png", b"x")) for i in range(65)]}, 413, "at most 64"),
         ({"json": {"images": ["@@not base64@@"]}}, 422, "not valid base64"),
         ({"json": {"images": []}}, 422, "images"),
         ({"json": {"pictures": ["AAAA"]}}, 422, "images"),
@@ -329,3 +345,196 @@ def test_drawing_page_in_a_real_browser(server) -> None:
         assert browser.find_element(By.ID, "digit").text == ""
     finally:
         browser.quit()
+
+
+# ---------------------------------------------------------------- what faces users must hold
+
+
+def _lab_tiff() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("LAB", (64, 64), (50, 0, 0)).save(buffer, "TIFF")
+    return buffer.getvalue()
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n0 0 moveto 10 10 lineto stroke\n%%EOF\n"
+
+
+def _peak_memory(process: subprocess.Popen) -> int:
+    """The process's peak resident memory so far, in bytes (Linux VmHWM)."""
+    for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc")
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        (png_claiming(14000, 14000), "image too large"),
+        (_lab_tiff(), "unsupported image"),
+        (EPS, "not an image"),
+    ],
+    ids=["bomb-header", "lab-tiff", "eps"],
+)
+def test_hostile_images_get_a_422_naming_the_image(server, photos, data, problem) -> None:
+    good = photos[1][0].read_bytes()
+    reply = requests.post(
+        f"{server}/predict",
+        files=[("file", ("good.png", good)), ("file", ("odd.img", data))],
+        timeout=30,
+    )
+    assert reply.status_code == 422, reply.text
+    assert "image 1 (odd.img)" in reply.json()["detail"] and problem in reply.json()["detail"]
+
+
+def test_hostile_files_are_per_file_errors_in_predict(champion, photos, tmp_path) -> None:
+    (tmp_path / "bomb.png").write_bytes(png_claiming(14000, 14000))
+    (tmp_path / "lab.tif").write_bytes(_lab_tiff())
+    shutil.copy(photos[1][0], tmp_path / "good.png")
+    result = run(["digitflow", "predict", "--json", str(tmp_path)], champion.root, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    records = {Path(r["file"]).name: r for r in json.loads(result.stdout)}
+    assert "image too large" in records["bomb.png"]["error"]
+    assert "unsupported image" in records["lab.tif"]["error"]
+    assert not records["good.png"]["error"] and records["good.png"]["digit"] >= 0
+
+
+def test_a_photo_with_a_transparent_corner_reads_like_the_photo(server, photos) -> None:
+    files, answers = photos[1][:6], []
+    for file in files:
+        rgba = np.asarray(Image.open(file).convert("RGBA")).copy()
+        rgba[:6, :6, 3] = 0  # one transparent corner, as cut-outs and screenshots have
+        for body in (file.read_bytes(), encode_png(rgba)):
+            reply = requests.post(f"{server}/predict", files={"file": ("d.png", body)}, timeout=30)
+            assert reply.status_code == 200, reply.text
+            answers.append(reply.json()["predictions"][0]["digit"])
+    assert answers[0::2] == answers[1::2]
+
+
+def _raw_request(port: int, head: bytes, body_chunks, read_timeout_s: float) -> bytes:
+    """Send a request over a plain socket (the body as given, chunk by chunk) and return what
+    the server answered; the server may close the connection before all is sent."""
+    reply = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=read_timeout_s) as connection:
+        connection.sendall(head)
+        try:
+            for chunk in body_chunks:
+                if select.select([connection], [], [], 0)[0]:
+                    break  # the server has answered: stop sending
+                connection.sendall(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        try:
+            while part := connection.recv(65536):
+                reply += part
+        except (ConnectionResetError, TimeoutError):
+            pass
+    return reply
+
+
+def test_a_chunked_body_over_the_limit_is_refused_while_it_is_read(served) -> None:
+    """20 MB sent chunked (no Content-Length) against a 5 MB limit: 413, and the server's peak
+    memory does not grow by more than the limit."""
+    base, process = served
+    port = int(base.rsplit(":", 1)[1])
+    limit = 5_000_000
+    before = _peak_memory(process)
+    head = (
+        b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    piece = b"A" * 65536
+    chunks = (b"%x\r\n" % len(piece) + piece + b"\r\n" for _ in range(20_000_000 // len(piece)))
+    reply = _raw_request(port, head, chunks, 30)
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+    assert b"limit" in reply
+    slack = 1 << 20  # the framework's own per-request allocations; buffering all would be 20 MB
+    assert _peak_memory(process) - before < limit + slack, "the body was buffered past the limit"
+    assert requests.get(f"{base}/health", timeout=10).ok
+
+
+def test_a_client_that_stops_sending_gets_a_408(served) -> None:
+    base, _ = served
+    port = int(base.rsplit(":", 1)[1])
+    head = (
+        b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 1000\r\n\r\n"
+    )
+    reply = _raw_request(port, head, [b'{"images": ['], 30)  # then nothing, for read_timeout_s
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+
+
+@pytest.mark.parametrize("count", [600_000, 1_600_000], ids=["600k-items", "1.6M-items"])
+def test_a_json_list_of_empty_strings_is_refused_before_parsing(served, count: int) -> None:
+    base, process = served
+    body = b'{"images": [' + b",".join([b'""'] * count) + b"]}"
+    before = _peak_memory(process)
+    reply = requests.post(
+        f"{base}/predict", data=body, headers={"content-type": "application/json"}, timeout=60
+    )
+    assert reply.status_code == 413, reply.text
+    assert _peak_memory(process) - before < 4 * len(body)  # decoding it all took +127 MB
+
+
+def _digit_page(digit: np.ndarray, side: int) -> bytes:
+    """A digit drawn large in the middle of a clean white side x (side + 1) page, as PNG."""
+    page = Image.new("L", (side, side + 1), 255)
+    ink = Image.fromarray(255 - digit).resize((side // 2, side // 2), Image.BICUBIC)
+    page.paste(ink, (side // 4, side // 4))
+    buffer = io.BytesIO()
+    page.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_64_images_at_the_pixel_budget_are_answered_within_a_memory_bound(
+    served, test_digits
+) -> None:
+    """64 pages of 1000 x 1001 pixels (64,064,000) are over the 64,000,000 budget and refused
+    from their headers; 64 pages of 999 x 1000 (63,936,000) are answered, /health keeps
+    answering meanwhile, and memory stays far below what decoding them all at once would take."""
+    base, process = served
+    digits, labels = test_digits
+    over = [("file", (f"{i}.png", _digit_page(digits[i], 1000))) for i in range(64)]
+    reply = requests.post(f"{base}/predict", files=over, timeout=60)
+    assert reply.status_code == 413 and "64,064,000 pixels" in reply.json()["detail"]
+
+    under = [("file", (f"{i}.png", _digit_page(digits[i], 999))) for i in range(64)]
+    before = _peak_memory(process)
+    health: list[int] = []
+
+    def poll() -> None:
+        for _ in range(10):
+            health.append(requests.get(f"{base}/health", timeout=5).status_code)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    reply = requests.post(f"{base}/predict", files=under, timeout=120)
+    poller.join()
+    assert reply.status_code == 200, reply.text
+    digits_read = [p["digit"] for p in reply.json()["predictions"]]
+    assert sum(d == t for d, t in zip(digits_read, labels[:64], strict=True)) >= 48
+    assert health == [200] * 10
+    decoded_rgba_float = 64 * 999 * 1000 * 4 * 4  # what decoding all at once as floats would take
+    assert _peak_memory(process) - before < decoded_rgba_float / 4
+
+
+def test_schemathesis_finds_no_5xx_and_no_answer_the_spec_does_not_allow(server, tmp_path) -> None:
+    """Fuzzing from the served OpenAPI description, bounded: 100 cases per operation."""
+    command = [
+        "st",
+        "run",
+        f"{server}/openapi.json",
+        "--checks",
+        "not_a_server_error,status_code_conformance,content_type_conformance,"
+        "response_schema_conformance",
+        "--max-examples",
+        "100",
+        "--seed",
+        "1",
+        "--workers",
+        "1",
+        "--generation-database",
+        "none",
+    ]
+    result = run(command, tmp_path, check=False)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]

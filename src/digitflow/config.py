@@ -118,17 +118,26 @@ class ServeParams(_Strict):
     reload_interval_s: float = Field(gt=0)
     max_upload_bytes: int = Field(gt=0)
     max_batch: int = Field(ge=1)
+    max_request_pixels: int = Field(ge=784)
+    decode_threads: int = Field(ge=1)
+    max_connections: int = Field(ge=1)
+    keep_alive_s: float = Field(gt=0)
+    read_timeout_s: float = Field(gt=0)
 
 
 class ImagingParams(_Strict):
     ink_contrast_share: float = Field(gt=0, lt=1)
     min_contrast: float = Field(gt=0, lt=1)
+    max_pixels: int = Field(ge=784)
+    working_side: int = Field(ge=28)
 
 
 class InboxParams(_Strict):
     dir: str = Field(min_length=1)
     quarantine_dir: str = Field(min_length=1)
     max_batch_images: int = Field(ge=1)
+    max_batch_bytes: int = Field(ge=1)
+    settle_s: float = Field(ge=0)
 
 
 class ScheduleParams(_Strict):

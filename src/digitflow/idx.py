@@ -20,10 +20,14 @@ class IdxError(DigitflowError, ValueError):
     """A file is not a valid (gzip-compressed) IDX file of the expected kind."""
 
 
-def _decompress(path: Path) -> bytes:
+def _decompress(path: Path, max_bytes: int | None = None) -> bytes:
+    """The gunzipped bytes of path; an IdxError past max_bytes (read no further than that)."""
     try:
         with gzip.open(path, "rb") as handle:
-            return handle.read()
+            payload = handle.read() if max_bytes is None else handle.read(max_bytes + 1)
+        if max_bytes is not None and len(payload) > max_bytes:
+            raise IdxError(f"{path.name}: unpacks to more than {max_bytes:,} bytes")
+        return payload
     except FileNotFoundError as exc:
         raise IdxError(f"{path}: file not found (run `digitflow ingest` first)") from exc
     except gzip.BadGzipFile as exc:
@@ -55,19 +59,21 @@ def parse_idx(payload: bytes, name: str, expected_dims: int | None = None) -> np
     return np.frombuffer(payload, dtype=np.uint8, offset=header_end).reshape(shape)
 
 
-def read_idx(path: Path, expected_dims: int | None = None) -> np.ndarray:
-    """Read a gzip-compressed IDX file."""
-    return parse_idx(_decompress(path), path.name, expected_dims)
+def read_idx(
+    path: Path, expected_dims: int | None = None, max_bytes: int | None = None
+) -> np.ndarray:
+    """Read a gzip-compressed IDX file (refused when it unpacks to more than max_bytes)."""
+    return parse_idx(_decompress(path, max_bytes), path.name, expected_dims)
 
 
-def read_images(path: Path) -> np.ndarray:
+def read_images(path: Path, max_bytes: int | None = None) -> np.ndarray:
     """Read an IDX image file of shape (n, rows, cols)."""
-    return read_idx(path, IMAGE_DIMS)
+    return read_idx(path, IMAGE_DIMS, max_bytes)
 
 
-def read_labels(path: Path) -> np.ndarray:
+def read_labels(path: Path, max_bytes: int | None = None) -> np.ndarray:
     """Read an IDX label file of shape (n,)."""
-    return read_idx(path, LABEL_DIMS)
+    return read_idx(path, LABEL_DIMS, max_bytes)
 
 
 def encode_idx(array: np.ndarray) -> bytes:

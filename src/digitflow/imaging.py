@@ -9,6 +9,7 @@ bright on black as in MNIST.
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +20,11 @@ from .errors import DigitflowError
 
 MNIST_SIDE = 28
 DIGIT_BOX = 20
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm")
+FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")
+"""The image formats opened, each recognised by its content (never by the file's name)."""
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+MOSTLY_TRANSPARENT = 0.5
+"""An image whose share of transparent pixels exceeds this is a drawing: its alpha is the ink."""
 
 
 class ImageError(DigitflowError, ValueError):
@@ -28,49 +33,96 @@ class ImageError(DigitflowError, ValueError):
 
 @dataclass(frozen=True)
 class InkSettings:
-    """How ink is told from background (fractions of the image's contrast range)."""
+    """How ink is told from background (fractions of the image's contrast range), and how big
+    an image may be (pixels, from its header) and is made (longer side) before preprocessing."""
 
     threshold: float = 0.2
     min_contrast: float = 0.15
-    max_pixels: int = 40_000_000
+    max_pixels: int = 16_000_000
+    working_side: int = 1024
 
 
 def ink_settings(imaging: ImagingParams) -> InkSettings:
     """The preprocessing settings from params.yaml's imaging section."""
-    return InkSettings(threshold=imaging.ink_contrast_share, min_contrast=imaging.min_contrast)
+    return InkSettings(
+        threshold=imaging.ink_contrast_share,
+        min_contrast=imaging.min_contrast,
+        max_pixels=imaging.max_pixels,
+        working_side=imaging.working_side,
+    )
+
+
+def _open(data: bytes) -> Image.Image:
+    """Open (header only) an image of one of FORMATS. Pillow's warning for sizes between its
+    limit and twice that is silenced: decode() refuses those itself, with a clear message."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(data), formats=FORMATS)
+
+
+def pixel_count(data: bytes) -> int:
+    """Width x height read from the image's header without decoding it; 0 when the data is
+    not an image of an accepted format, or is refused as too large before decoding."""
+    try:
+        with _open(data) as opened:
+            return opened.width * opened.height
+    except Exception:  # not an image, or a bomb: decode() names the problem for that item
+        return 0
 
 
 def decode(data: bytes, settings: InkSettings = InkSettings()) -> np.ndarray:
-    """Encoded image bytes -> float grey levels in [0, 1], bright ink on dark background."""
+    """Encoded image bytes -> float grey levels in [0, 1], bright ink on dark background.
+
+    Whatever Pillow or NumPy raises becomes an ImageError naming the problem. The size is
+    checked from the header before decoding (Pillow's own bomb check uses the same limit), and
+    images are scaled down to `working_side` before any float copy is made."""
     if not data:
         raise ImageError("empty file: no image data")
+    Image.MAX_IMAGE_PIXELS = settings.max_pixels  # Pillow refuses twice this in Image.open
     try:
-        with Image.open(io.BytesIO(data)) as opened:
-            if opened.width * opened.height > settings.max_pixels:
-                raise ImageError(
-                    f"image too large: {opened.width}x{opened.height} pixels "
-                    f"(at most {settings.max_pixels:,})"
-                )
+        with _open(bytes(data)) as opened:
+            _check_size(opened.width, opened.height, settings)
+            opened.draft(opened.mode, (settings.working_side, settings.working_side))  # JPEG
             image = ImageOps.exif_transpose(opened)
             image.load()
-    except UnidentifiedImageError:
-        raise ImageError(
-            "not an image: no known image format (PNG, JPG, BMP, GIF, TIFF, WebP)"
-        ) from None
+            if max(image.size) > settings.working_side:
+                image.thumbnail((settings.working_side, settings.working_side))
+            return ink_map(image)
     except ImageError:
         raise
-    except (OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError:
+        raise ImageError(f"not an image: no accepted image format ({', '.join(FORMATS)})") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"image too large: {exc}") from None
+    except MemoryError:
+        raise ImageError("image too large: not enough memory to decode it") from None
+    except (OSError, SyntaxError, EOFError) as exc:  # truncated or corrupt data
         raise ImageError(f"damaged image: {exc}") from None
-    return ink_map(image)
+    except Exception as exc:  # Pillow and NumPy raise many kinds for odd modes and layouts
+        raise ImageError(f"unsupported image: {exc.__class__.__name__}: {exc}") from None
+
+
+def _check_size(width: int, height: int, settings: InkSettings) -> None:
+    if width * height > settings.max_pixels:
+        raise ImageError(
+            f"image too large: {width}x{height} pixels (at most {settings.max_pixels:,})"
+        )
 
 
 def ink_map(image: Image.Image) -> np.ndarray:
-    """A PIL image -> float ink levels in [0, 1]; transparency counts as background."""
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255.0
-        alpha = rgba[..., 3]
-        if alpha.min() < 1.0:
-            return alpha
+    """A PIL image -> float ink levels in [0, 1].
+
+    A mostly transparent image (a drawing on a transparent canvas) has its ink in the alpha
+    channel; any other image with transparency is laid on white paper first, so a photo with a
+    transparent corner reads like the photo."""
+    has_alpha = image.mode in ("RGBA", "LA", "PA")
+    if has_alpha or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        alpha = np.asarray(rgba, dtype=np.uint8)[..., 3]
+        if (alpha < 128).mean() > MOSTLY_TRANSPARENT:
+            return alpha.astype(np.float32) / 255.0
+        paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(paper, rgba)
     grey = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
     return invert_if_light(grey)
 
@@ -139,7 +191,11 @@ def prepare_array(pixels: np.ndarray, settings: InkSettings = InkSettings()) -> 
     array = np.asarray(pixels)
     if array.ndim not in (2, 3) or min(array.shape[:2]) < 1:
         raise ImageError(f"expected a (height, width[, channels]) array, got shape {array.shape}")
-    return prepare_ink(ink_map(Image.fromarray(array.astype(np.uint8))), settings)
+    try:
+        image = Image.fromarray(array.astype(np.uint8))
+    except Exception as exc:  # an unsupported channel count or dtype
+        raise ImageError(f"unsupported array: {exc.__class__.__name__}: {exc}") from None
+    return prepare_ink(ink_map(image), settings)
 
 
 def encode_png(pixels: np.ndarray) -> bytes:

@@ -19,6 +19,7 @@ import hashlib
 import json
 import shutil
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import pandas as pd
 
 from .config import Params, Paths
 from .dataset import Split, image_frame, load_raw, pixel_hashes, stored_batches
-from .idx import IdxError, parse_idx, read_images, read_labels
+from .idx import IdxError, parse_idx, read_idx
 from .imaging import IMAGE_SUFFIXES, ImageError, ink_settings, prepare, prepare_array
 from .validation import LABELS, Outcome, run_suites
 from .versioning import Recorded, record_with_dvc
@@ -62,19 +63,45 @@ class Admission:
     sha256: str | None = None
     reason: str = ""
     report: str | None = None
+    deferred: bool = False  # still being copied in: left in the inbox for the next run
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def find_batches(inbox: Path) -> list[Path]:
-    """The batches waiting in the inbox, oldest name first."""
+    """The batches waiting in the inbox, oldest name first (symbolic links included: they are
+    refused when admitted, never followed)."""
     if not inbox.is_dir():
         return []
     entries = sorted(p for p in inbox.iterdir() if not p.name.startswith("."))
-    if any(p.is_dir() and p.name in LABEL_NAMES for p in entries):
+    if any(p.is_dir() and not p.is_symlink() and p.name in LABEL_NAMES for p in entries):
         return [inbox]  # label folders directly in the inbox: one batch
-    return [p for p in entries if p.is_dir() or p.suffix == ".npz"]
+    return [p for p in entries if p.is_symlink() or p.is_dir() or p.suffix == ".npz"]
+
+
+def _signature(path: Path) -> tuple:
+    """What changes while a batch is still being copied: each file's name, size and mtime."""
+    if path.is_symlink() or not path.is_dir():
+        stat = path.lstat()
+        return ((path.name, stat.st_size, stat.st_mtime_ns),)
+    return tuple(
+        (str(f.relative_to(path)), f.lstat().st_size, f.lstat().st_mtime_ns)
+        for f in sorted(path.rglob("*"))
+    )
+
+
+def settled(batches: list[Path], settle_s: float) -> tuple[list[Path], list[Path]]:
+    """(ready, still arriving): a batch is ready when it looks the same twice, settle_s apart,
+    so a run that starts while a batch is being copied leaves it for the next run."""
+    if not batches:
+        return [], []
+    first = {path: _signature(path) for path in batches}
+    if settle_s > 0:
+        time.sleep(settle_s)
+    ready = [path for path in batches if path.exists() or path.is_symlink()]
+    ready = [path for path in ready if _signature(path) == first[path]]
+    return ready, [path for path in batches if path not in ready]
 
 
 LABEL_NAMES = {str(label) for label in LABELS}
@@ -106,8 +133,11 @@ def _batch(source: Path, images: list, labels: list, problems: list[str]) -> Bat
 def _read_image_folders(folder: Path, params: Params) -> Batch:
     ink = ink_settings(params.imaging)
     images, labels, problems = [], [], []
-    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+    for file in sorted(p for p in folder.rglob("*") if p.is_file() or p.is_symlink()):
         relative = file.relative_to(folder)
+        if file.is_symlink():
+            problems.append(f"{relative}: a symbolic link, refused (not followed)")
+            continue
         if len(relative.parts) != 2 or relative.parts[0] not in LABEL_NAMES:
             problems.append(f"{relative}: not inside a label folder 0..9")
             continue
@@ -122,29 +152,47 @@ def _read_image_folders(folder: Path, params: Params) -> Batch:
     return _batch(folder, images, labels, problems)
 
 
-def _read_idx(path: Path, expected_dims: int) -> np.ndarray:
+def _read_idx(path: Path, expected_dims: int, max_bytes: int) -> np.ndarray:
     if path.suffix == ".gz":
-        return read_images(path) if expected_dims == 3 else read_labels(path)
+        return read_idx(path, expected_dims, max_bytes)
+    if path.stat().st_size > max_bytes:
+        raise IdxError(f"{path.name}: larger than {max_bytes:,} bytes")
     return parse_idx(path.read_bytes(), path.name, expected_dims)
 
 
+def _regular_files(folder: Path, pattern: str) -> list[Path]:
+    return sorted(p for p in folder.glob(pattern) if p.is_file() and not p.is_symlink())
+
+
 def _read_idx_pair(folder: Path, params: Params) -> Batch:
-    image_files = sorted(folder.glob("*images*"))
-    label_files = sorted(folder.glob("*labels*"))
+    image_files = _regular_files(folder, "*images*")
+    label_files = _regular_files(folder, "*labels*")
     if len(image_files) != 1 or len(label_files) != 1:
         return _batch(folder, [], [], ["expected one *images* and one *labels* IDX file"])
+    limit = params.inbox.max_batch_bytes
     try:
-        images, labels = _read_idx(image_files[0], 3), _read_idx(label_files[0], 1)
+        images, labels = _read_idx(image_files[0], 3, limit), _read_idx(label_files[0], 1, limit)
     except IdxError as exc:
         return _batch(folder, [], [], [str(exc)])
     return _from_arrays(folder, images, labels, params)
 
 
+def _unpacked_size(path: Path) -> int:
+    """What an .npz (a zip file) unpacks to, from its table of contents."""
+    with zipfile.ZipFile(path) as archive:
+        return sum(member.file_size for member in archive.infolist())
+
+
 def _read_npz(path: Path, params: Params) -> Batch:
     try:
+        size = _unpacked_size(path)
+        if size > params.inbox.max_batch_bytes:
+            return _batch(
+                path, [], [], [f"unpacks to {size:,} bytes, over {params.inbox.max_batch_bytes:,}"]
+            )
         with np.load(path, allow_pickle=False) as stored:
             images, labels = stored["images"], stored["labels"]
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         return _batch(path, [], [], [f"not an npz with 'images' and 'labels' arrays ({exc})"])
     if images.ndim != 3 or labels.ndim != 1:
         return _batch(
@@ -158,6 +206,8 @@ def _read_npz(path: Path, params: Params) -> Batch:
 
 def read_batch(path: Path, params: Params) -> Batch:
     """Read one inbox batch into MNIST-form images and labels, noting what could not be read."""
+    if path.is_symlink():
+        return _batch(path, [], [], [f"{path.name}: a symbolic link, refused (not followed)"])
     if path.is_file():
         return _read_npz(path, params)
     if any(child.is_dir() and child.name in LABEL_NAMES for child in path.iterdir()):
@@ -306,7 +356,10 @@ def admit(path: Path, paths: Paths, params: Params, known: set[str]) -> Admissio
         return Admission(
             path.name, True, len(batch.labels), existing, batch.sha256, "already stored"
         )
-    problems, report = check_batch(batch, known, params)
+    if len(batch.labels):
+        problems, report = check_batch(batch, known, params)
+    else:  # nothing could be read: the reading problems are the whole story
+        problems, report = batch.problems or ["no images in the batch"], {"file_problems": []}
     if problems:
         where = quarantine(path, paths, params, problems, report)
         return Admission(
@@ -324,13 +377,30 @@ def admit(path: Path, paths: Paths, params: Params, known: set[str]) -> Admissio
     )
 
 
+def admit_guarded(path: Path, paths: Paths, params: Params, known: set[str]) -> Admission:
+    """admit(), but a batch that raises is quarantined with the exception in its report, so
+    one bad batch never stops the run (or every later run)."""
+    try:
+        return admit(path, paths, params, known)
+    except Exception as exc:  # whatever a damaged or hostile batch makes a reader raise
+        problem = f"could not be read: {exc.__class__.__name__}: {exc}"
+        where = quarantine(path, paths, params, [problem], {"exception": repr(exc)})
+        return Admission(path.name, False, 0, reason=problem, report=str(where / "report.json"))
+
+
 def admit_all(paths: Paths, params: Params) -> list[Admission]:
-    """Admit or quarantine every batch waiting in the inbox."""
-    batches = find_batches(paths.inbox(params))
-    if not batches:
-        return []
+    """Admit or quarantine every batch waiting in the inbox that has finished arriving."""
+    ready, arriving = settled(find_batches(paths.inbox(params)), params.inbox.settle_s)
+    admissions = [
+        Admission(
+            path.name, False, 0, reason="still arriving; left for the next run", deferred=True
+        )
+        for path in arriving
+    ]
+    if not ready:
+        return admissions
     known = known_hashes(paths, params)  # read data/ once, not once per batch
-    return [admit(path, paths, params, known) for path in batches]
+    return admissions + [admit_guarded(path, paths, params, known) for path in ready]
 
 
 def admit_and_record(paths: Paths, params: Params) -> tuple[list[Admission], Recorded | None]:

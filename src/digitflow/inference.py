@@ -47,7 +47,7 @@ def prepare_batch(images: Sequence[bytes], ink: InkSettings) -> tuple[np.ndarray
     errors = []
     for index, data in enumerate(images):
         try:
-            batch[index, ..., 0] = prepare(bytes(data), ink)
+            batch[index, ..., 0] = prepare(data, ink)
             errors.append("")
         except ImageError as exc:
             errors.append(str(exc))

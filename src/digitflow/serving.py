@@ -6,6 +6,7 @@ says which version answers, GET / is a page to draw digits on, /docs and /openap
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import threading
@@ -16,14 +17,16 @@ from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any
 
+import anyio
 import pandas as pd
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
 from starlette.concurrency import run_in_threadpool
 
 from . import inference
 from .config import ServeParams
+from .imaging import pixel_count
 
 PAGE = "static/draw.html"
 
@@ -107,6 +110,22 @@ class Base64Batch(BaseModel):
     images: list[str] = Field(description="base64-encoded image files", min_length=1)
 
 
+def bounded_batch(max_batch: int) -> type[Base64Batch]:
+    """Base64Batch whose list holds at most max_batch items (also in the OpenAPI schema)."""
+    return create_model(
+        "Base64Batch",
+        __base__=Base64Batch,
+        images=(
+            list[str],
+            Field(
+                description="base64-encoded image files",
+                min_length=1,
+                max_length=max_batch,
+            ),
+        ),
+    )
+
+
 class Prediction(BaseModel):
     index: int
     filename: str | None = None
@@ -121,7 +140,24 @@ class PredictResponse(BaseModel):
     predictions: list[Prediction]
 
 
-def _request_body_docs() -> dict:
+class Problem(BaseModel):
+    """Why a request was refused."""
+
+    detail: str
+
+
+REFUSALS = {
+    400: "empty body, no image in the request, an empty multipart form, or a bad Content-Length",
+    408: "the body did not arrive within serve.read_timeout_s",
+    413: "over serve.max_upload_bytes, more than serve.max_batch images, or over "
+    "serve.max_request_pixels summed from the images' headers",
+    415: "a content type other than multipart/form-data or application/json",
+    422: "an item is not an image of an accepted format, too large, damaged, has no ink, "
+    "is not valid base64, or the JSON is not {'images': [...]}",
+}
+
+
+def _request_body_docs(batch_model: type[BaseModel]) -> dict:
     """OpenAPI description of the two accepted bodies (the handler parses them itself)."""
     return {
         "requestBody": {
@@ -139,39 +175,88 @@ def _request_body_docs() -> dict:
                         },
                     }
                 },
-                "application/json": {"schema": Base64Batch.model_json_schema()},
+                "application/json": {"schema": batch_model.model_json_schema()},
             },
         }
     }
 
 
-async def _read_images(request: Request, limits: ServeParams) -> list[tuple[str | None, bytes]]:
-    """The (filename, bytes) items of a request; 4xx with a reason for anything malformed."""
-    length = request.headers.get("content-length")
-    if length is None:
-        raise HTTPException(411, "send a Content-Length header")
-    if int(length) > limits.max_upload_bytes:
+async def read_body(request: Request, limits: ServeParams) -> bytes:
+    """The request body, counted as it arrives: 413 as soon as it passes the limit (whatever
+    Content-Length said, chunked or not), 408 when it does not arrive in time."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise HTTPException(400, f"Content-Length {declared!r} is not a number")
+        if int(declared) > limits.max_upload_bytes:
+            raise HTTPException(
+                413,
+                f"request of {int(declared):,} bytes is over the {limits.max_upload_bytes:,} limit",
+            )
+    chunks: list[bytes] = []  # joined once at the end: growing one buffer would copy it
+    received = 0
+    try:
+        async with asyncio.timeout(limits.read_timeout_s):
+            async for chunk in request.stream():
+                received += len(chunk)
+                if received > limits.max_upload_bytes:
+                    raise HTTPException(
+                        413, f"request body is over the {limits.max_upload_bytes:,}-byte limit"
+                    )
+                chunks.append(chunk)
+    except TimeoutError:
         raise HTTPException(
-            413, f"request of {int(length):,} bytes is over the {limits.max_upload_bytes:,} limit"
-        )
+            408, f"request body not received within {limits.read_timeout_s} s"
+        ) from None
+    return b"".join(chunks)
+
+
+def _replaying(body: bytes):
+    """An ASGI receive that hands over an already-read body (for Starlette's form parser)."""
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
+
+
+async def _read_images(
+    request: Request, limits: ServeParams, batch_model: type[Base64Batch]
+) -> list[tuple[str | None, bytes]]:
+    """The (filename, bytes) items of a request; 4xx with a reason for anything malformed."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind not in ("multipart/form-data", "application/json"):
+        raise HTTPException(
+            415, "send image files as multipart/form-data or a JSON batch as application/json"
+        )
+    body = await read_body(request, limits)
+    if not body:
+        raise HTTPException(400, "empty request body: no image in the request")
     if kind == "multipart/form-data":
-        form = await request.form(max_files=limits.max_batch + 1, max_fields=limits.max_batch + 1)
+        replayed = Request(request.scope, _replaying(body))
+        try:
+            form = await replayed.form(
+                max_files=limits.max_batch + 1, max_fields=limits.max_batch + 1
+            )
+        except HTTPException:
+            raise
+        except Exception as exc:  # a malformed multipart body
+            raise HTTPException(400, f"malformed multipart body: {exc}") from None
         items = [
             (value.filename, await value.read())
             for _, value in form.multi_items()
             if hasattr(value, "read")
         ]
-    elif kind == "application/json":
+    else:
+        if body.count(b",") >= limits.max_batch:  # base64 holds no comma: items - 1 <= commas
+            raise HTTPException(
+                413, f"more than {limits.max_batch} items; at most {limits.max_batch} per request"
+            )
         try:
-            batch = Base64Batch.model_validate_json(await request.body())
+            batch = await run_in_threadpool(batch_model.model_validate_json, body)
         except ValueError as exc:
             raise HTTPException(422, f"expected {{'images': [base64, ...]}}: {exc}") from None
         items = [(None, _decode_base64(index, text)) for index, text in enumerate(batch.images)]
-    else:
-        raise HTTPException(
-            415, "send image files as multipart/form-data or a JSON batch as application/json"
-        )
     if not items:
         raise HTTPException(400, "no image in the request")
     if len(items) > limits.max_batch:
@@ -192,6 +277,8 @@ def _label(index: int, filename: str | None) -> str:
 
 def create_app(holder: ChampionHolder | FixedModel, limits: ServeParams) -> FastAPI:
     """The HTTP API and the drawing page around a model holder."""
+    batch_model = bounded_batch(limits.max_batch)
+    decoding = anyio.CapacityLimiter(limits.decode_threads)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -212,7 +299,7 @@ def create_app(holder: ChampionHolder | FixedModel, limits: ServeParams) -> Fast
         return page
 
     @app.get("/health", summary="Status and the model version being served")
-    def health() -> dict:
+    async def health() -> dict:  # on the event loop: answers while predictions are busy
         served = holder.served
         return {
             "status": "ok",
@@ -224,23 +311,31 @@ def create_app(holder: ChampionHolder | FixedModel, limits: ServeParams) -> Fast
             "reload_error": holder.last_error or None,
         }
 
+    def answer(items: list[tuple[str | None, bytes]], served: Served) -> pd.DataFrame:
+        """Check the request's pixel budget from the headers, then decode and predict."""
+        pixels = sum(pixel_count(data) for _, data in items)
+        if pixels > limits.max_request_pixels:
+            raise HTTPException(
+                413,
+                f"{pixels:,} pixels in {len(items)} images; at most "
+                f"{limits.max_request_pixels:,} per request",
+            )
+        frame = pd.DataFrame({inference.IMAGE_COLUMN: [data for _, data in items]})
+        return served.model.predict(frame)
+
     @app.post(
         "/predict",
         response_model=PredictResponse,
         summary="Digits in one or more images",
-        openapi_extra=_request_body_docs(),
+        openapi_extra=_request_body_docs(batch_model),
         responses={
-            400: {"description": "no image in the request"},
-            413: {"description": "request too large or too many images"},
-            415: {"description": "unsupported content type"},
-            422: {"description": "an item is not an image, not base64, or has no ink"},
+            status: {"description": text, "model": Problem} for status, text in REFUSALS.items()
         },
     )
     async def predict(request: Request) -> PredictResponse:
-        items = await _read_images(request, limits)
+        items = await _read_images(request, limits, batch_model)
         served = holder.served
-        frame = pd.DataFrame({inference.IMAGE_COLUMN: [data for _, data in items]})
-        results = await run_in_threadpool(served.model.predict, frame)
+        results = await anyio.to_thread.run_sync(answer, items, served, limiter=decoding)
         for index, (filename, _) in enumerate(items):
             if results["error"][index]:
                 raise HTTPException(422, f"{_label(index, filename)}: {results['error'][index]}")
@@ -265,7 +360,14 @@ def create_app(holder: ChampionHolder | FixedModel, limits: ServeParams) -> Fast
 
 
 def serve(holder: ChampionHolder | FixedModel, limits: ServeParams, host: str, port: int) -> None:
-    """Run the API with uvicorn until interrupted."""
+    """Run the API with uvicorn until interrupted, with the connection limits of params."""
     import uvicorn
 
-    uvicorn.run(create_app(holder, limits), host=host, port=port, log_level="info")
+    uvicorn.run(
+        create_app(holder, limits),
+        host=host,
+        port=port,
+        log_level="info",
+        limit_concurrency=limits.max_connections,
+        timeout_keep_alive=limits.keep_alive_s,
+    )

@@ -120,6 +120,8 @@ def print_summary(summary: dict, elapsed: float, project: Paths) -> None:
     console.print(f"  data.dvc md5      {summary.get('data_hash')}")
     for batch in summary.get("batches") or []:
         verdict = "[green]admitted[/]" if batch["accepted"] else "[red]quarantined[/]"
+        if batch.get("deferred"):
+            verdict = "[yellow]left in the inbox[/]"
         console.print(
             f"  inbox batch       {escape(batch['source'])}: {batch['count']} images {verdict} "
             f"({escape(batch['reason'])})"
