@@ -82,13 +82,8 @@ def find_batches(inbox: Path) -> list[Path]:
 
 def _signature(path: Path) -> tuple:
     """What changes while a batch is still being copied: each file's name, size and mtime."""
-    if path.is_symlink() or not path.is_dir():
-        stat = path.lstat()
-        return ((path.name, stat.st_size, stat.st_mtime_ns),)
-    return tuple(
-        (str(f.relative_to(path)), f.lstat().st_size, f.lstat().st_mtime_ns)
-        for f in sorted(path.rglob("*"))
-    )
+    files = [path] if path.is_symlink() or not path.is_dir() else sorted(path.rglob("*"))
+    return tuple((str(f), (s := f.lstat()).st_size, s.st_mtime_ns) for f in files)
 
 
 def settled(batches: list[Path], settle_s: float) -> tuple[list[Path], list[Path]]:
