@@ -104,17 +104,11 @@ class FixedModel:
     def stop(self) -> None: ...
 
 
-class Base64Batch(BaseModel):
-    """A JSON batch: each item is a whole image file (PNG, JPG, ...) encoded as base64."""
-
-    images: list[str] = Field(description="base64-encoded image files", min_length=1)
-
-
-def bounded_batch(max_batch: int) -> type[Base64Batch]:
-    """Base64Batch whose list holds at most max_batch items (also in the OpenAPI schema)."""
+def bounded_batch(max_batch: int) -> type[BaseModel]:
+    """The JSON batch, {"images": [base64 image file, ...]}, holding 1 to max_batch items (the
+    bound is in the OpenAPI schema too)."""
     return create_model(
         "Base64Batch",
-        __base__=Base64Batch,
         images=(
             list[str],
             Field(
@@ -221,7 +215,7 @@ def _replaying(body: bytes):
 
 
 async def _read_images(
-    request: Request, limits: ServeParams, batch_model: type[Base64Batch]
+    request: Request, limits: ServeParams, batch_model: type[BaseModel]
 ) -> list[tuple[str | None, bytes]]:
     """The (filename, bytes) items of a request; 4xx with a reason for anything malformed."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -238,9 +232,7 @@ async def _read_images(
             form = await replayed.form(
                 max_files=limits.max_batch + 1, max_fields=limits.max_batch + 1
             )
-        except HTTPException:
-            raise
-        except Exception as exc:  # a malformed multipart body
+        except Exception as exc:  # a malformed multipart body, or too many parts
             raise HTTPException(400, f"malformed multipart body: {exc}") from None
         items = [
             (value.filename, await value.read())

@@ -81,8 +81,8 @@ def run(name: str, paths: Paths, params: Params) -> StageResult:
     stage = get(name)
     guard = nullcontext()
     if stage.tracked:
-        from .tracking import tracking_uri, unavailable_as_error
+        from .tracking import guarded
 
-        guard = unavailable_as_error(tracking_uri(paths))
+        guard = guarded(paths)
     with guard:
         return stage.function()(paths, params)

@@ -8,7 +8,7 @@ import re
 import socket
 import subprocess
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +97,11 @@ def unavailable_as_error(uri: str) -> Iterator[None]:
                 f"MLflow tracking server {uri} unreachable after retries: {text.splitlines()[0]}"
             ) from exc
         raise
+
+
+def guarded(paths: Paths) -> AbstractContextManager[None]:
+    """unavailable_as_error for this project's tracking store."""
+    return unavailable_as_error(tracking_uri(paths))
 
 
 def process_tags() -> dict[str, str]:

@@ -11,6 +11,7 @@ from rich.markup import escape
 
 from ..config import Params
 from ..console import console, errors
+from ..tracking import guarded
 from .common import RootOption, configured, fail, reported
 
 PANEL = "Using the champion"
@@ -30,12 +31,6 @@ def model_uri_or_champion(params: Params, model_uri: str | None) -> str:
     from ..inference import champion_uri
 
     return model_uri or champion_uri(params)
-
-
-def _tracking_guard(project):
-    from ..tracking import tracking_uri, unavailable_as_error
-
-    return unavailable_as_error(tracking_uri(project))
 
 
 @app.command(rich_help_panel=PANEL)
@@ -59,7 +54,7 @@ def predict(
     if not files:
         fail("no image files found in " + ", ".join(str(t) for t in targets))
     uri = model_uri_or_champion(params, model_uri)
-    with reported(), _tracking_guard(project):
+    with reported(), guarded(project):
         model = load_model(uri)
     records = as_records(predict_files(model, files))
     failed = sum(1 for record in records if record["error"])
@@ -118,7 +113,7 @@ def serve(
     project, params = configured(root)
     settings = params.serve
     try:
-        with reported(), _tracking_guard(project):
+        with reported(), guarded(project):
             if model_uri:
                 holder = FixedModel(model_uri)
             else:
@@ -159,7 +154,7 @@ def show(
     target = output or project.reports / "plots" / "champion_predictions.png"
     uri = model_uri_or_champion(params, model_uri)
     try:
-        with reported(), _tracking_guard(project):
+        with reported(), guarded(project):
             result = draw_predictions(project, params, uri, count, target, wrong_only)
     except FileNotFoundError as exc:
         fail(f"{exc} (run `digitflow ingest` or `dvc pull data.dvc` first)")
