@@ -1,4 +1,5 @@
-"""The Prefect flow: ingest -> validate -> preprocess -> train -> evaluate -> register.
+"""The Prefect flow: ingest -> feedback -> inbox -> validate -> preprocess -> train -> evaluate
+-> register.
 
 Thin wiring only. Each stage after ingest is a DVC stage (dvc.yaml): DVC decides whether it
 changed, the flow runs its work in this one process (TensorFlow and MLflow load once), and
@@ -18,7 +19,7 @@ set_environment_defaults()
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 
-from digitflow import inbox, locking, pipeline, stages  # noqa: E402
+from digitflow import feedback, inbox, locking, pipeline, stages  # noqa: E402
 from digitflow import ingest as ingestion  # noqa: E402
 
 
@@ -31,6 +32,33 @@ def ingest_data(root: str, source: str | None) -> str | None:
     for line in outcome.lines():
         logger.info("ingest: %s", line)
     return outcome.recorded.data_hash if outcome.recorded else None
+
+
+@task(name="feedback")
+def export_corrections(root: str) -> dict:
+    """Write the corrections users sent since the last run as one inbox batch (suspicious ones
+    are held back in quarantine for review)."""
+    project = paths(Path(root))
+    params = load_params(project.params)
+    engine = feedback.log_engine(project, params)
+    if engine is None:
+        return {}
+    outcome = feedback.export_pending(engine, project, params)
+    for line in outcome.lines():
+        get_run_logger().info("feedback: %s", line)
+    return outcome.to_dict()
+
+
+@task(name="settle corrections")
+def settle_corrections(root: str) -> dict[str, int]:
+    """Mark exported corrections by what the inbox did with their batch."""
+    project = paths(Path(root))
+    params = load_params(project.params)
+    engine = feedback.log_engine(project, params)
+    moved = feedback.reconcile(engine, project, params) if engine is not None else {}
+    if any(moved.values()):
+        get_run_logger().info("corrections: %s", moved)
+    return moved
 
 
 @task(name="inbox")
@@ -70,7 +98,7 @@ def mnist_pipeline(
 ) -> dict:
     """Ingest, validate, preprocess, train, evaluate and register; returns a summary.
 
-    New batches in the inbox are admitted first. When nothing changed since the last successful
+    Corrections users sent are exported to the inbox first, and new inbox batches admitted. When nothing changed since the last successful
     run (data, params, code), nothing is trained, unless force=True. One run at a time per
     project: a second run waits for the first (or, with wait=False, is skipped with a message)."""
     root = str(Path(root).resolve())
@@ -79,7 +107,9 @@ def mnist_pipeline(
         with locking.pipeline_lock(Path(root), wait_s=None if wait else 0):
             project = paths(Path(root))
             ingest_data.with_options(task_run_name="ingest")(root, source)
+            corrections = export_corrections(root)
             batches = admit_batches(root)
+            corrections["settled"] = settle_corrections(root)
             nothing_new = not force and pipeline.up_to_date(project)
             ran = []
             if nothing_new:
@@ -89,7 +119,7 @@ def mnist_pipeline(
                     if run_stage.with_options(task_run_name=stage)(root, stage, force):
                         ran.append(stage)
             summary = pipeline.summarise(project, ran)
-            summary = pipeline.finish(project, summary, batches, nothing_new).to_dict()
+            summary = pipeline.finish(project, summary, batches, nothing_new, corrections).to_dict()
     except locking.PipelineBusy as busy:
         logger.warning("skipped: %s", busy)
         return pipeline.skipped(str(busy)).to_dict()

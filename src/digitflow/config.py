@@ -21,6 +21,8 @@ from .errors import DigitflowError
 
 PARAMS_FILE = "params.yaml"
 SOURCE_ENV = "DIGITFLOW_MNIST_SOURCE"
+PREDICTION_DB_ENV = "DIGITFLOW_PREDICTION_DB"
+FEEDBACK_TOKEN_ENV = "DIGITFLOW_FEEDBACK_TOKEN"
 ROOT_ENV = "DIGITFLOW_ROOT"
 SPLITS = ("train", "test")
 NUM_CLASSES = 10
@@ -140,6 +142,31 @@ class InboxParams(_Strict):
     settle_s: float = Field(ge=0)
 
 
+class FeedbackParams(_Strict):
+    database: str = Field(min_length=1)
+    log_predictions: bool
+    retention_days: float = Field(gt=0)
+    flush_interval_s: float = Field(gt=0)
+    queue_size: int = Field(ge=1)
+    rate_limit: str = Field(min_length=1)
+    confident_probability: float = Field(gt=0, le=1)
+    hold_min_count: int = Field(ge=1)
+    hold_share: float = Field(gt=0, le=1)
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _parses(cls, value: str) -> str:
+        from limits import parse
+
+        try:
+            parse(value)
+        except ValueError:
+            raise ValueError(
+                f"expected a rate such as '30/minute' or '5 per second', got {value!r}"
+            ) from None
+        return value
+
+
 class ScheduleParams(_Strict):
     deployment: str = Field(min_length=1)
     cron: str = Field(min_length=1)
@@ -187,6 +214,7 @@ class Params(_Strict):
     serve: ServeParams
     imaging: ImagingParams
     inbox: InboxParams
+    feedback: FeedbackParams
     schedule: ScheduleParams
     sweep: SweepParams
 
@@ -334,6 +362,14 @@ class Paths:
     @property
     def mlflow_artifacts(self) -> Path:
         return self.mlflow_dir / "artifacts"
+
+    def prediction_db(self, params: Params) -> str:
+        """The prediction log's SQLAlchemy URL: $DIGITFLOW_PREDICTION_DB, else the SQLite file
+        of params (relative to the project)."""
+        override = os.environ.get(PREDICTION_DB_ENV)
+        if override:
+            return override
+        return f"sqlite:///{self.root / params.feedback.database}"
 
 
 def paths(root: Path | None = None) -> Paths:

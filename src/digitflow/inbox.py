@@ -106,14 +106,19 @@ def _to_uint8(prepared: np.ndarray) -> np.ndarray:
     return np.round(prepared * 255).astype(np.uint8)
 
 
+def stored_form(pixels: np.ndarray, params: Params) -> np.ndarray:
+    """An image array as the inbox stores it: MNIST preprocessing, uint8 (ImageError if it
+    has no digit to find)."""
+    return _to_uint8(prepare_array(pixels, ink_settings(params.imaging)))
+
+
 def _from_arrays(source: Path, images: np.ndarray, labels: np.ndarray, params: Params) -> Batch:
-    ink = ink_settings(params.imaging)
     kept, kept_labels, problems = [], [], []
     if len(images) != len(labels):
         problems.append(f"{len(images)} images but {len(labels)} labels")
     for index, (pixels, label) in enumerate(zip(images, labels, strict=False)):
         try:
-            kept.append(_to_uint8(prepare_array(pixels, ink)))
+            kept.append(stored_form(pixels, params))
             kept_labels.append(int(label))
         except ImageError as exc:
             problems.append(f"item {index}: {exc}")

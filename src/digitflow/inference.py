@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -67,8 +68,13 @@ def probabilities_of(keras_model, images: np.ndarray, chunk: int = 256) -> np.nd
 def classify(keras_model, images: Sequence[bytes], ink: InkSettings) -> pd.DataFrame:
     """Encoded images -> one row per image: digit, probability, p0..p9, error."""
     batch, errors = prepare_batch(images, ink)
+    return classify_prepared(keras_model, batch, errors)
+
+
+def classify_prepared(keras_model, batch: np.ndarray, errors: list[str]) -> pd.DataFrame:
+    """Prepared model inputs (and their errors) -> one row per image, as classify()."""
     good = np.array([not message for message in errors], dtype=bool)
-    probabilities = np.full((len(images), NUM_CLASSES), np.nan)
+    probabilities = np.full((len(batch), NUM_CLASSES), np.nan)
     if good.any():
         probabilities[good] = probabilities_of(keras_model, batch[good])
     known = np.nan_to_num(probabilities, nan=-1.0)
@@ -138,6 +144,48 @@ def log_model(keras_file: Path, params: Params) -> str:
         pip_requirements=requirements(),
     )
     return info.model_uri
+
+
+@dataclass(frozen=True)
+class Scored:
+    """Results, one row per image, and the 28x28 inputs the model saw."""
+
+    results: pd.DataFrame
+    inputs: np.ndarray
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """A loaded model's Keras network and preprocessing: what the pyfunc does, but also hands
+    back the inputs the model saw (the prediction log keeps them)."""
+
+    keras_model: Any
+    ink: InkSettings
+
+    @classmethod
+    def of(cls, loaded: mlflow.pyfunc.PyFuncModel, model_uri: str, ink: InkSettings) -> Scorer:
+        """The scorer of a loaded pyfunc, with its own preprocessing settings (`ink` is for
+        models logged with the Keras flavour only, which carry none)."""
+        try:
+            wrapper = loaded.unwrap_python_model()
+            return cls(wrapper.keras_model, InkSettings(**wrapper.ink))
+        except Exception:  # logged with the keras flavour: no python_model to unwrap
+            return cls(unwrap_keras(loaded, model_uri), ink)
+
+    def score(self, images: Sequence[bytes]) -> Scored:
+        batch, errors = prepare_batch(images, self.ink)
+        return Scored(classify_prepared(self.keras_model, batch, errors), batch)
+
+
+def version_of(model_uri: str) -> str:
+    """The registry version a models:/NAME@ALIAS or models:/NAME/N URI names (other URIs are
+    their own version)."""
+    if not model_uri.startswith("models:/"):
+        return model_uri
+    name, _, rest = model_uri.removeprefix("models:/").partition("@")
+    if rest:
+        return str(mlflow.MlflowClient().get_model_version_by_alias(name, rest).version)
+    return model_uri.rstrip("/").rsplit("/", 1)[-1]
 
 
 def load(model_uri: str) -> mlflow.pyfunc.PyFuncModel:

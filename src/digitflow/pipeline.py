@@ -43,6 +43,7 @@ class Summary:
     skipped: str | None = None
     up_to_date: bool = False
     batches: list[dict] = field(default_factory=list)
+    corrections: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -59,9 +60,16 @@ def up_to_date(paths: Paths) -> bool:
         return not repo.status()
 
 
-def finish(paths: Paths, summary: Summary, batches: list[dict], nothing_new: bool) -> Summary:
-    """Add the inbox outcome, and write reports/last_run.json (also when nothing ran)."""
-    final = replace(summary, batches=batches, up_to_date=nothing_new)
+def finish(
+    paths: Paths,
+    summary: Summary,
+    batches: list[dict],
+    nothing_new: bool,
+    corrections: dict | None = None,
+) -> Summary:
+    """Add the inbox and feedback outcome, and write reports/last_run.json (also when nothing
+    ran)."""
+    final = replace(summary, batches=batches, up_to_date=nothing_new, corrections=corrections or {})
     record = {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **final.to_dict()}
     paths.reports.mkdir(parents=True, exist_ok=True)
     temporary = paths.last_run.with_suffix(".json.tmp")

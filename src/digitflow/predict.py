@@ -14,6 +14,7 @@ from .config import Params, Paths
 from .dataset import load_raw
 from .errors import DigitflowError
 from .imaging import IMAGE_SUFFIXES
+from .inference import Scored
 
 
 class ModelNotFound(DigitflowError, RuntimeError):
@@ -42,8 +43,8 @@ def collect_images(targets: list[Path]) -> list[Path]:
     return found
 
 
-def predict_files(model, files: list[Path]) -> pd.DataFrame:
-    """One row per file: file, digit, probability, p0..p9 and error ('' when fine)."""
+def read_files(files: list[Path]) -> tuple[list[bytes], list[str]]:
+    """Each file's bytes (b"" when unreadable) and a read error per file ('' when fine)."""
     contents, read_errors = [], []
     for file in files:
         try:
@@ -52,15 +53,24 @@ def predict_files(model, files: list[Path]) -> pd.DataFrame:
         except OSError as exc:
             contents.append(b"")
             read_errors.append(f"cannot read: {exc.strerror or exc}")
+    return contents, read_errors
+
+
+def predict_files(scorer: inference.Scorer, files: list[Path]) -> Scored:
+    """Results with one row per file (file, digit, probability, p0..p9, error: '' when fine),
+    and the inputs the model saw (for the prediction log)."""
     if not files:
-        return pd.DataFrame(columns=["file", "digit", "probability", "error"])
-    results = model.predict(pd.DataFrame({inference.IMAGE_COLUMN: contents}))
+        empty = pd.DataFrame(columns=["file", "digit", "probability", "error"])
+        return Scored(empty, np.zeros((0, 28, 28, 1), np.float32))
+    contents, read_errors = read_files(files)
+    scored = scorer.score(contents)
+    results = scored.results.copy()
     results["error"] = [
         read or predicted for read, predicted in zip(read_errors, results["error"], strict=True)
     ]
     results.loc[results["error"] != "", "digit"] = -1
     results.insert(0, "file", [str(file) for file in files])
-    return results
+    return Scored(results, scored.inputs)
 
 
 def as_records(results: pd.DataFrame) -> list[dict]:

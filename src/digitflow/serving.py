@@ -1,7 +1,9 @@
 """`digitflow serve`: the champion over HTTP (FastAPI), reloaded when the champion alias moves.
 
-POST /predict takes image files (multipart) or a JSON batch of base64-encoded files, GET /health
-says which version answers, GET / is a page to draw digits on, /docs and /openapi.json describe it.
+POST /predict takes image files (multipart) or a JSON batch of base64-encoded files and logs each
+answer with a prediction id; POST /feedback corrects an answer; GET /health says which version
+answers and how the log fares; GET / is a page to draw digits on (and correct them); /docs and
+/openapi.json describe it.
 """
 
 from __future__ import annotations
@@ -9,24 +11,26 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hmac
+import ipaddress
 import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib.resources import files
-from typing import Any
+from typing import Any, Literal
 
 import anyio
-import pandas as pd
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field, create_model
 from starlette.concurrency import run_in_threadpool
 
-from . import inference
+from . import inference, predictionlog
 from .config import ServeParams
-from .imaging import pixel_count
+from .imaging import InkSettings, pixel_count
+from .predictionlog import CorrectionSettled, LogWriter, UnknownPrediction
 
 PAGE = "static/draw.html"
 
@@ -39,13 +43,20 @@ class Served:
     uri: str
     version: str
     loaded_at: float
+    scorer: inference.Scorer
+
+
+def loaded(uri: str, version: str, ink: InkSettings) -> Served:
+    """Load a model for serving."""
+    model = inference.load(uri)
+    return Served(model, uri, version, time.time(), inference.Scorer.of(model, uri, ink))
 
 
 class ChampionHolder:
     """Keeps the model behind an alias loaded, and swaps in a new one when the alias moves."""
 
-    def __init__(self, name: str, alias: str, interval_s: float) -> None:
-        self.name, self.alias, self.interval_s = name, alias, interval_s
+    def __init__(self, name: str, alias: str, interval_s: float, ink: InkSettings) -> None:
+        self.name, self.alias, self.interval_s, self.ink = name, alias, interval_s, ink
         self._served: Served | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -70,7 +81,7 @@ class ChampionHolder:
         if self._served is not None and self._served.version == version:
             return False
         uri = f"models:/{self.name}/{version}"
-        served = Served(inference.load(uri), uri, version, time.time())
+        served = loaded(uri, version, self.ink)
         with self._lock:
             self._served = served
         print(f"serving {self.name} version {version} (@{self.alias})", flush=True)
@@ -95,8 +106,8 @@ class ChampionHolder:
 class FixedModel:
     """A model given by URI (--model-uri): loaded once, never swapped."""
 
-    def __init__(self, uri: str) -> None:
-        self.served = Served(inference.load(uri), uri, uri, time.time())
+    def __init__(self, uri: str, ink: InkSettings) -> None:
+        self.served = loaded(uri, uri, ink)
         self.name, self.alias, self.last_error = uri, "", ""
 
     def start(self) -> None: ...
@@ -122,6 +133,9 @@ def bounded_batch(max_batch: int) -> type[BaseModel]:
 
 class Prediction(BaseModel):
     index: int
+    prediction_id: str | None = Field(
+        default=None, description="send it to POST /feedback to correct this answer"
+    )
     filename: str | None = None
     digit: int
     probability: float
@@ -132,6 +146,52 @@ class PredictResponse(BaseModel):
     model_version: str
     model_uri: str
     predictions: list[Prediction]
+
+
+class Correction(BaseModel):
+    """The true digit of an answered image."""
+
+    prediction_id: str = Field(min_length=1, max_length=64)
+    label: int = Field(ge=0, le=9, description="the digit the image really shows")
+
+
+class CorrectionReceipt(BaseModel):
+    prediction_id: str
+    label: int
+    outcome: Literal["recorded", "replaced", "unchanged"] = Field(
+        description="recorded: new; replaced: a new label for a pending correction; "
+        "unchanged: the same correction again"
+    )
+
+
+@dataclass(frozen=True)
+class FeedbackAccess:
+    """Who may send corrections: with `token` set, only callers that show it; without one,
+    anyone when the server listens on loopback only, nobody otherwise."""
+
+    token: str | None
+    loopback: bool
+    rate_limit: str
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.1, ::1, localhost and the rest of the loopback range."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+FEEDBACK_REFUSALS = {
+    401: "a feedback token is set and the request did not show it (Authorization: Bearer TOKEN)",
+    403: "the server listens beyond loopback and no feedback token is set",
+    404: "no prediction with this id in the log",
+    409: "the prediction's correction already went on into the training data",
+    429: "too many corrections from this client (feedback.rate_limit)",
+    503: "the prediction log is off or cannot be reached",
+}
 
 
 class Problem(BaseModel):
@@ -267,16 +327,35 @@ def _label(index: int, filename: str | None) -> str:
     return f"image {index}" + (f" ({filename})" if filename else "")
 
 
-def create_app(holder: ChampionHolder | FixedModel, limits: ServeParams) -> FastAPI:
-    """The HTTP API and the drawing page around a model holder."""
+def _rate_limiter(rate: str):
+    """(limit, limiter) for one rate such as '30/minute', counted per client in memory."""
+    from limits import parse, storage, strategies
+
+    return parse(rate), strategies.MovingWindowRateLimiter(storage.MemoryStorage())
+
+
+def create_app(
+    holder: ChampionHolder | FixedModel,
+    limits: ServeParams,
+    log: LogWriter | None = None,
+    access: FeedbackAccess | None = None,
+) -> FastAPI:
+    """The HTTP API and the drawing page around a model holder; predictions go to `log` (None:
+    not logged, and /feedback answers 503)."""
     batch_model = bounded_batch(limits.max_batch)
     decoding = anyio.CapacityLimiter(limits.decode_threads)
+    access = access or FeedbackAccess(token=None, loopback=True, rate_limit="30/minute")
+    rate, limiter = _rate_limiter(access.rate_limit)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         holder.start()
+        if log is not None:
+            log.start()
         yield
         holder.stop()
+        if log is not None:
+            await run_in_threadpool(log.stop)
 
     app = FastAPI(
         lifespan=lifespan,
@@ -290,20 +369,22 @@ def create_app(holder: ChampionHolder | FixedModel, limits: ServeParams) -> Fast
     def draw_page() -> str:
         return page
 
-    @app.get("/health", summary="Status and the model version being served")
+    @app.get("/health", summary="Status, the model version being served, and the prediction log")
     async def health() -> dict:  # on the event loop: answers while predictions are busy
         served = holder.served
+        log_health = log.health() if log is not None else {"status": "off"}
         return {
-            "status": "ok",
+            "status": "degraded" if log_health["status"] == "failing" else "ok",
             "model": holder.name,
             "alias": holder.alias,
             "version": served.version,
             "model_uri": served.uri,
             "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(served.loaded_at)),
             "reload_error": holder.last_error or None,
+            "prediction_log": log_health,
         }
 
-    def answer(items: list[tuple[str | None, bytes]], served: Served) -> pd.DataFrame:
+    def answer(items: list[tuple[str | None, bytes]], served: Served) -> inference.Scored:
         """Check the request's pixel budget from the headers, then decode and predict."""
         pixels = sum(pixel_count(data) for _, data in items)
         if pixels > limits.max_request_pixels:
@@ -312,31 +393,55 @@ def create_app(holder: ChampionHolder | FixedModel, limits: ServeParams) -> Fast
                 f"{pixels:,} pixels in {len(items)} images; at most "
                 f"{limits.max_request_pixels:,} per request",
             )
-        frame = pd.DataFrame({inference.IMAGE_COLUMN: [data for _, data in items]})
-        return served.model.predict(frame)
+        return served.scorer.score([data for _, data in items])
+
+    def logged_ids(
+        request: Request, items: list, scored: inference.Scored, served: Served, started: float
+    ) -> list[str | None]:
+        """Queue the answers for the log (off the request path); their prediction ids."""
+        if log is None or request.query_params.get("log") == "false":
+            return [None] * len(items)
+        source = "page" if request.query_params.get("source") == "page" else "api"
+        logged = predictionlog.entries(
+            scored.results,
+            scored.inputs,
+            [data for _, data in items],
+            (holder.name, served.version),
+            source,
+            request.client.host if request.client else None,
+            (time.perf_counter() - started) * 1000,
+        )
+        log.submit(logged)
+        return [entry.id for entry in logged]
 
     @app.post(
         "/predict",
         response_model=PredictResponse,
         summary="Digits in one or more images",
+        description="Each answer is logged with a `prediction_id` (unless `log=false`); "
+        "`source=page` marks answers to the drawing page.",
         openapi_extra=_request_body_docs(batch_model),
         responses={
             status: {"description": text, "model": Problem} for status, text in REFUSALS.items()
         },
     )
     async def predict(request: Request) -> PredictResponse:
+        started = time.perf_counter()
         items = await _read_images(request, limits, batch_model)
         served = holder.served
-        results = await anyio.to_thread.run_sync(answer, items, served, limiter=decoding)
+        scored = await anyio.to_thread.run_sync(answer, items, served, limiter=decoding)
+        results = scored.results
         for index, (filename, _) in enumerate(items):
             if results["error"][index]:
                 raise HTTPException(422, f"{_label(index, filename)}: {results['error'][index]}")
+        ids = logged_ids(request, items, scored, served, started)
         return PredictResponse(
             model_version=served.version,
             model_uri=served.uri,
             predictions=[
                 Prediction(
                     index=index,
+                    prediction_id=ids[index],
                     filename=filename,
                     digit=int(results["digit"][index]),
                     probability=float(results["probability"][index]),
@@ -348,15 +453,81 @@ def create_app(holder: ChampionHolder | FixedModel, limits: ServeParams) -> Fast
             ],
         )
 
+    def admitted(request: Request) -> None:
+        """The token, loopback and rate rules of /feedback (before the body is read)."""
+        if log is None:
+            raise HTTPException(503, "the prediction log is off (feedback.log_predictions)")
+        if access.token is not None:
+            shown = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+            if not hmac.compare_digest(shown.encode(), access.token.encode()):
+                raise HTTPException(
+                    401,
+                    "corrections need the feedback token: Authorization: Bearer TOKEN",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+        elif not access.loopback:
+            raise HTTPException(
+                403,
+                "this server listens beyond loopback and has no feedback token: set "
+                "DIGITFLOW_FEEDBACK_TOKEN to accept corrections",
+            )
+        client = request.client.host if request.client else "unknown"
+        if not limiter.hit(rate, client):
+            retry = max(1, int(limiter.get_window_stats(rate, client).reset_time - time.time()))
+            raise HTTPException(
+                429,
+                f"more than {access.rate_limit} corrections from {client}; try again in {retry} s",
+                headers={"Retry-After": str(retry)},
+            )
+
+    @app.post(
+        "/feedback",
+        response_model=CorrectionReceipt,
+        summary="Correct an answer: the true digit of a prediction",
+        dependencies=[Depends(admitted)],
+        responses={
+            status: {"description": text, "model": Problem}
+            for status, text in FEEDBACK_REFUSALS.items()
+        },
+    )
+    async def feedback(correction: Correction, request: Request) -> CorrectionReceipt:
+        assert log is not None  # `admitted` refused the request otherwise
+        await run_in_threadpool(log.flush)  # an answer given a moment ago is in the log
+        client = request.client.host if request.client else None
+        try:
+            outcome = await run_in_threadpool(
+                predictionlog.record_correction,
+                log.engine,
+                correction.prediction_id,
+                correction.label,
+                client,
+            )
+        except UnknownPrediction as exc:
+            raise HTTPException(404, str(exc)) from None
+        except CorrectionSettled as exc:
+            raise HTTPException(409, str(exc)) from None
+        except Exception as exc:  # the database is down or unwritable
+            raise HTTPException(503, f"the prediction log cannot be written: {exc}") from None
+        return CorrectionReceipt(
+            prediction_id=correction.prediction_id, label=correction.label, outcome=outcome
+        )
+
     return app
 
 
-def serve(holder: ChampionHolder | FixedModel, limits: ServeParams, host: str, port: int) -> None:
+def serve(
+    holder: ChampionHolder | FixedModel,
+    limits: ServeParams,
+    host: str,
+    port: int,
+    log: LogWriter | None = None,
+    access: FeedbackAccess | None = None,
+) -> None:
     """Run the API with uvicorn until interrupted, with the connection limits of params."""
     import uvicorn
 
     uvicorn.run(
-        create_app(holder, limits),
+        create_app(holder, limits, log, access),
         host=host,
         port=port,
         log_level="info",

@@ -10,7 +10,7 @@ from ..config import set_environment_defaults
 
 set_environment_defaults()
 
-from . import operations, registry, serving, stages  # noqa: E402
+from . import feedback, operations, registry, serving, stages  # noqa: E402
 
 app = typer.Typer(
     help=(
@@ -22,7 +22,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-for sub_app in (stages.app, registry.app, serving.app, operations.app):
+for sub_app in (stages.app, registry.app, serving.app, feedback.app, operations.app):
     app.add_typer(sub_app)
 
 

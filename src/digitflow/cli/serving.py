@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.markup import escape
 
-from ..config import Params
+from ..config import FEEDBACK_TOKEN_ENV, Params
 from ..console import console, errors
 from ..tracking import guarded
 from .common import RootOption, configured, fail, reported
@@ -41,12 +42,23 @@ def predict(
     ],
     model_uri: ModelUriOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    log: Annotated[
+        bool,
+        typer.Option(
+            "--log",
+            help="Record each answer in the prediction log (source 'batch'), as serve does.",
+        ),
+    ] = False,
     root: RootOption = None,
 ) -> None:
     """Digit, probability and top three for each image; dark-on-light and light-on-dark both work.
 
     Exits 1 when any file could not be read as a digit (the others are still predicted).
     """
+    import time
+
+    from ..imaging import ink_settings
+    from ..inference import Scorer, version_of
     from ..predict import as_records, collect_images, load_model, predict_files
 
     project, params = configured(root)
@@ -55,8 +67,15 @@ def predict(
         fail("no image files found in " + ", ".join(str(t) for t in targets))
     uri = model_uri_or_champion(params, model_uri)
     with reported(), guarded(project):
-        model = load_model(uri)
-    records = as_records(predict_files(model, files))
+        loaded = load_model(uri)
+        version = version_of(uri)
+    started = time.perf_counter()
+    scored = predict_files(Scorer.of(loaded, uri, ink_settings(params.imaging)), files)
+    if log:
+        with reported():
+            logged = _log_batch(project, params, scored, files, uri, version, started)
+        errors.print(f"logged {logged} prediction(s) to {project.prediction_db(params)}")
+    records = as_records(scored.results)
     failed = sum(1 for record in records if record["error"])
     if as_json:
         print(json.dumps(records, indent=2))
@@ -67,6 +86,28 @@ def predict(
             f"[red]{failed} of {len(records)} file(s) could not be predicted[/]"
         )
         raise typer.Exit(1)
+
+
+def _log_batch(project, params: Params, scored, files: list[Path], uri: str, version: str, started):
+    """Write the answers of `predict --log` to the prediction log; returns how many."""
+    import time
+
+    from ..predict import read_files
+    from ..predictionlog import entries, open_log, write_predictions
+
+    name = params.mlflow.registered_model if uri.startswith("models:/") else uri
+    contents, _ = read_files(files)
+    logged = entries(
+        scored.results,
+        scored.inputs,
+        contents,
+        (name, version),
+        "batch",
+        None,
+        (time.perf_counter() - started) * 1000 / max(len(files), 1),
+    )
+    write_predictions(open_log(project.prediction_db(params)), logged)
+    return len(logged)
 
 
 def _predictions_table(records: list[dict], uri: str):
@@ -107,18 +148,20 @@ def serve(
     root: RootOption = None,
 ) -> None:
     """HTTP API (POST /predict, GET /health, /docs) and a drawing page at / for the champion."""
+    from ..imaging import ink_settings
     from ..serving import ChampionHolder, FixedModel
     from ..serving import serve as run_server
 
     project, params = configured(root)
     settings = params.serve
+    ink = ink_settings(params.imaging)
     try:
         with reported(), guarded(project):
             if model_uri:
-                holder = FixedModel(model_uri)
+                holder = FixedModel(model_uri, ink)
             else:
                 holder = ChampionHolder(
-                    params.mlflow.registered_model, "champion", settings.reload_interval_s
+                    params.mlflow.registered_model, "champion", settings.reload_interval_s, ink
                 )
                 holder.refresh()
     except typer.Exit:
@@ -128,10 +171,33 @@ def serve(
             f"cannot load the model to serve: {getattr(exc, 'message', exc)} (run `digitflow run` first)"
         )
     bind_host, bind_port = host or settings.host, port or settings.port
+    log, access = _prediction_log(project, params, bind_host)
     console.print(
         f"drawing page: http://{bind_host}:{bind_port}/   API docs: http://{bind_host}:{bind_port}/docs"
     )
-    run_server(holder, settings, bind_host, bind_port)
+    run_server(holder, settings, bind_host, bind_port, log, access)
+
+
+def _prediction_log(project, params: Params, host: str):
+    """The log writer (None when feedback.log_predictions is off) and who may send feedback."""
+    from ..predictionlog import LogWriter
+    from ..serving import FeedbackAccess, is_loopback
+
+    settings = params.feedback
+    token = os.environ.get(FEEDBACK_TOKEN_ENV) or None
+    access = FeedbackAccess(token, is_loopback(host), settings.rate_limit)
+    if not settings.log_predictions:
+        console.print("prediction log: off (feedback.log_predictions); /feedback answers 503")
+        return None, access
+    url = project.prediction_db(params)
+    log = LogWriter(url, settings.flush_interval_s, settings.queue_size, settings.retention_days)
+    console.print(f"prediction log: {log.health()['database']}")
+    if token is None and not access.loopback:
+        errors.print(
+            f"[yellow]warning:[/] listening on {host} without {FEEDBACK_TOKEN_ENV}: "
+            "POST /feedback refuses corrections (403) until it is set"
+        )
+    return log, access
 
 
 @app.command(rich_help_panel=PANEL)
