@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -218,3 +221,140 @@ def champion(tmp_path_factory: pytest.TempPathFactory, ingested: Paths) -> Paths
     evaluate(paths, params)
     assert register(paths, params).promoted
     return paths
+
+
+# ---------------------------------------------------------------- real servers for tests
+
+
+def _postgres_bin() -> Path | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return Path(found[-1]).parent if found else None
+
+
+def _as_postgres_user(command: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root: drop to the `postgres` account when we are root."""
+    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
+
+
+@pytest.fixture(scope="module")
+def postgres() -> str:
+    """A throw-away PostgreSQL cluster in a temporary directory, on a free port; removed after."""
+    binaries = _postgres_bin()
+    if binaries is None:
+        if os.environ.get("DIGITFLOW_REQUIRE_POSTGRES"):
+            pytest.fail("PostgreSQL is required here (apt-get install postgresql)")
+        pytest.skip("PostgreSQL not installed (apt-get install postgresql)")
+    cluster = Path(tempfile.mkdtemp(prefix="digitflow-pg-"))
+    cluster.chmod(0o755)
+    if os.geteuid() == 0:
+        shutil.chown(cluster, "postgres", "postgres")
+    data, port = cluster / "data", free_port()
+    initdb = [str(binaries / "initdb"), "-D", str(data), "-A", "trust", "-U", "mlflow"]
+    subprocess.run(_as_postgres_user(initdb), check=True, capture_output=True)
+    options = f"-p {port} -k {cluster} -c listen_addresses=127.0.0.1"
+    start = [
+        str(binaries / "pg_ctl"),
+        "-D",
+        str(data),
+        "-o",
+        options,
+        "-l",
+        str(cluster / "log"),
+        "-w",
+        "start",
+    ]
+    subprocess.run(_as_postgres_user(start), check=True, capture_output=True)
+    try:
+        create = [
+            str(binaries / "createdb"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-U",
+            "mlflow",
+            "mlflow",
+        ]
+        subprocess.run(create, check=True, capture_output=True)
+        yield f"postgresql://mlflow@127.0.0.1:{port}/mlflow"
+    finally:
+        stop = [str(binaries / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]
+        subprocess.run(_as_postgres_user(stop), capture_output=True)
+        shutil.rmtree(cluster, ignore_errors=True)
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@contextmanager
+def headless_chromium():
+    """A headless Chromium driven by Selenium, offline (no background networking); skipped (or
+    failed, with DIGITFLOW_REQUIRE_BROWSER) where Chromium or its driver is missing."""
+    if not (_chromium() and shutil.which("chromedriver")):
+        if os.environ.get("DIGITFLOW_REQUIRE_BROWSER"):
+            pytest.fail(
+                "chromium and chromedriver are required here (apt-get install chromium chromium-driver)"
+            )
+        pytest.skip(
+            "chromium/chromedriver not installed (apt-get install chromium chromium-driver)"
+        )
+    from selenium import webdriver
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = _chromium()
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--window-size=900,700",
+    ):
+        options.add_argument(flag)
+    service = webdriver.ChromeService(executable_path=shutil.which("chromedriver"))
+    browser = webdriver.Chrome(options=options, service=service)
+    try:
+        yield browser
+    finally:
+        browser.quit()
+
+
+def draw_a_one(browser, pad) -> None:
+    """One vertical stroke down the middle of the drawing page's canvas."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    ActionChains(browser).move_to_element_with_offset(pad, 0, -90).click_and_hold().move_by_offset(
+        0, 60
+    ).move_by_offset(0, 60).move_by_offset(0, 60).release().perform()
+
+
+@contextmanager
+def digitflow_serve(root: Path, env: dict[str, str] | None = None, name: str = "serve"):
+    """`digitflow serve` as a real uvicorn process on a free port: yields (base URL, process);
+    stopped on exit. Its output goes to ROOT/NAME.log."""
+    port = free_port()
+    environment = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    environment.update(env or {})
+    log = root / f"{name}.log"
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            ["digitflow", "serve", "--port", str(port)],
+            cwd=root,
+            env=environment,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(f"{base}/health", process, log)
+        yield base, process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,63 +16,6 @@ from conftest import PIPELINE_SLICE, free_port, make_project, run, set_params, w
 from digitflow.config import Paths, load_params
 
 pytestmark = pytest.mark.slow
-
-
-def _postgres_bin() -> Path | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    return Path(found[-1]).parent if found else None
-
-
-def _as_postgres_user(command: list[str]) -> list[str]:
-    """PostgreSQL refuses to run as root: drop to the `postgres` account when we are root."""
-    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
-
-
-@pytest.fixture(scope="module")
-def postgres() -> str:
-    """A throw-away PostgreSQL cluster in a temporary directory, on a free port; removed after."""
-    binaries = _postgres_bin()
-    if binaries is None:
-        if os.environ.get("DIGITFLOW_REQUIRE_POSTGRES"):
-            pytest.fail("PostgreSQL is required here (apt-get install postgresql)")
-        pytest.skip("PostgreSQL not installed (apt-get install postgresql)")
-    cluster = Path(tempfile.mkdtemp(prefix="digitflow-pg-"))
-    cluster.chmod(0o755)
-    if os.geteuid() == 0:
-        shutil.chown(cluster, "postgres", "postgres")
-    data, port = cluster / "data", free_port()
-    initdb = [str(binaries / "initdb"), "-D", str(data), "-A", "trust", "-U", "mlflow"]
-    subprocess.run(_as_postgres_user(initdb), check=True, capture_output=True)
-    options = f"-p {port} -k {cluster} -c listen_addresses=127.0.0.1"
-    start = [
-        str(binaries / "pg_ctl"),
-        "-D",
-        str(data),
-        "-o",
-        options,
-        "-l",
-        str(cluster / "log"),
-        "-w",
-        "start",
-    ]
-    subprocess.run(_as_postgres_user(start), check=True, capture_output=True)
-    try:
-        create = [
-            str(binaries / "createdb"),
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "-U",
-            "mlflow",
-            "mlflow",
-        ]
-        subprocess.run(create, check=True, capture_output=True)
-        yield f"postgresql://mlflow@127.0.0.1:{port}/mlflow"
-    finally:
-        stop = [str(binaries / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]
-        subprocess.run(_as_postgres_user(stop), capture_output=True)
-        shutil.rmtree(cluster, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

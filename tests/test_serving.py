@@ -5,12 +5,10 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import select
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,7 +17,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
-from conftest import free_port, png_claiming, run, wait_until_up
+from conftest import (
+    digitflow_serve,
+    draw_a_one,
+    headless_chromium,
+    png_claiming,
+    run,
+)
 from paper import on_paper
 from PIL import Image
 
@@ -154,24 +158,9 @@ def test_show_writes_the_tutorial_picture(champion) -> None:
 
 @pytest.fixture(scope="module")
 def served(champion):
-    """`digitflow serve` as a real uvicorn process on a free port: (base URL, process); stopped
-    after the module."""
-    port = free_port()
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    log = champion.root / "serve.log"
-    with log.open("w") as output:
-        process = subprocess.Popen(
-            ["digitflow", "serve", "--port", str(port)],
-            cwd=champion.root,
-            env=env,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
-    wait_until_up(f"{base}/health", process, log)
-    yield base, process
-    process.terminate()
-    process.wait(timeout=30)
+    """`digitflow serve` on the champion project: (base URL, process); stopped after the module."""
+    with digitflow_serve(champion.root) as started:
+        yield started
 
 
 @pytest.fixture
@@ -288,51 +277,17 @@ def test_moving_the_champion_alias_is_picked_up_without_restart(server, champion
         run(["digitflow", "rollback", "--reason", "serving test done"], champion.root)
 
 
-def _chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
 def test_drawing_page_in_a_real_browser(server) -> None:
     """Draw a stroke on the canvas in headless Chromium and see a prediction and bars appear."""
-    if not (_chromium() and shutil.which("chromedriver")):
-        if os.environ.get("DIGITFLOW_REQUIRE_BROWSER"):
-            pytest.fail(
-                "chromium and chromedriver are required here (apt-get install chromium chromium-driver)"
-            )
-        pytest.skip(
-            "chromium/chromedriver not installed (apt-get install chromium chromium-driver)"
-        )
-    from selenium import webdriver
-    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = _chromium()
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        "--window-size=900,700",
-    ):
-        options.add_argument(flag)
-    service = webdriver.ChromeService(executable_path=shutil.which("chromedriver"))
-    browser = webdriver.Chrome(options=options, service=service)
-    try:
+    with headless_chromium() as browser:
         browser.get(server + "/")
         WebDriverWait(browser, 20).until(lambda b: "version" in b.find_element(By.ID, "model").text)
         pad = browser.find_element(By.ID, "pad")
         # A "1": one vertical stroke down the middle of the canvas.
-        ActionChains(browser).move_to_element_with_offset(
-            pad, 0, -90
-        ).click_and_hold().move_by_offset(0, 60).move_by_offset(0, 60).move_by_offset(
-            0, 60
-        ).release().perform()
+        draw_a_one(browser, pad)
         WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "digit").text != "")
         digit = browser.find_element(By.ID, "digit").text
         assert digit in list("0123456789")
@@ -343,8 +298,6 @@ def test_drawing_page_in_a_real_browser(server) -> None:
         assert "model version" in browser.find_element(By.ID, "status").text
         browser.find_element(By.ID, "clear").click()
         assert browser.find_element(By.ID, "digit").text == ""
-    finally:
-        browser.quit()
 
 
 # ---------------------------------------------------------------- what faces users must hold

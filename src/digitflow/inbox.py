@@ -388,8 +388,16 @@ def admit_guarded(path: Path, paths: Paths, params: Params, known: set[str]) -> 
         return Admission(path.name, False, 0, reason=problem, report=str(where / "report.json"))
 
 
+def remove_partial_writes(paths: Paths) -> None:
+    """Temporary files a killed admission left in data/batches (never part of the data)."""
+    if paths.batches.is_dir():
+        for partial in [*paths.batches.glob(".*.tmp"), paths.manifest.with_suffix(".csv.tmp")]:
+            partial.unlink(missing_ok=True)
+
+
 def admit_all(paths: Paths, params: Params) -> list[Admission]:
     """Admit or quarantine every batch waiting in the inbox that has finished arriving."""
+    remove_partial_writes(paths)
     ready, arriving = settled(find_batches(paths.inbox(params)), params.inbox.settle_s)
     admissions = [
         Admission(

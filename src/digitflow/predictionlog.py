@@ -20,9 +20,10 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -110,7 +111,15 @@ def engine_for(url: str) -> Engine:
     engine = sa.create_engine(url, pool_pre_ping=True)
     if engine.dialect.name == "sqlite":
         sa.event.listen(engine, "connect", _sqlite_pragmas)
+        _make_folder(engine.url.database)
     return engine
+
+
+def _make_folder(database: str | None) -> None:
+    """Create the folder of a SQLite file (best effort: a failure shows at the first write)."""
+    if database and database != ":memory:":
+        with suppress(OSError):
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
 
 
 def ensure_schema(engine: Engine) -> None:

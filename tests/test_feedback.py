@@ -1,0 +1,532 @@
+"""The prediction log and corrections: every answer logged, corrections checked and turned into
+versioned training data exactly once, and the guards against poisoning."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import sqlalchemy as sa
+from conftest import (
+    clone_project,
+    digitflow_serve,
+    draw_a_one,
+    headless_chromium,
+    make_project,
+    run,
+    set_params,
+)
+from PIL import Image, ImageFilter
+
+from digitflow import predictionlog as plog
+from digitflow.config import Paths, load_params
+from digitflow.dataset import pixel_hashes, read_batch_file, stored_batches
+from digitflow.idx import read_images, read_labels
+from digitflow.imaging import encode_png
+from digitflow.inbox import stored_form
+from digitflow.versioning import data_hash
+
+# ---------------------------------------------------------------- helpers
+
+
+def fresh_digits(mnist_source: Path, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """MNIST training digits from the end of the file, thickened so that none is in the data;
+    each test takes its own range, so no two tests send the same image."""
+    images = read_images(mnist_source / "train-images-idx3-ubyte.gz")
+    labels = read_labels(mnist_source / "train-labels-idx1-ubyte.gz")
+    chosen = slice(len(images) - start - count, len(images) - start)
+    thick = [
+        np.asarray(Image.fromarray(d).filter(ImageFilter.MaxFilter(3))) for d in images[chosen]
+    ]
+    return np.stack(thick), labels[chosen].astype(int)
+
+
+def as_json_batch(images: np.ndarray) -> dict:
+    return {"images": [base64.b64encode(encode_png(image)).decode() for image in images]}
+
+
+def predict(base: str, images: np.ndarray, query: str = "") -> list[dict]:
+    """POST the images as JSON batches of at most 64; the predictions, in order."""
+    answers = []
+    for start in range(0, len(images), 64):
+        reply = requests.post(
+            f"{base}/predict{query}", json=as_json_batch(images[start : start + 64]), timeout=60
+        )
+        assert reply.status_code == 200, reply.text
+        answers.extend(reply.json()["predictions"])
+    return answers
+
+
+def correct(base: str, prediction_id: str, label: int, **kwargs) -> requests.Response:
+    body = {"prediction_id": prediction_id, "label": label}
+    return requests.post(f"{base}/feedback", json=body, timeout=30, **kwargs)
+
+
+def log_engine(project: Paths) -> sa.Engine:
+    return plog.engine_for(project.prediction_db(load_params(project.params)))
+
+
+def rows_for(engine: sa.Engine, ids: list[str], seconds: float = 15) -> dict[str, dict]:
+    """The log's rows for these ids, waiting for the background writer (up to `seconds`)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        with engine.connect() as connection:
+            found = connection.execute(
+                sa.select(plog.predictions).where(plog.predictions.c.id.in_(ids))
+            ).mappings()
+            rows = {row["id"]: dict(row) for row in found}
+        if len(rows) == len(ids) or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.2)
+
+
+def correction_rows(engine: sa.Engine, ids: list[str]) -> dict[str, dict]:
+    with engine.connect() as connection:
+        found = connection.execute(
+            sa.select(plog.corrections).where(plog.corrections.c.prediction_id.in_(ids))
+        ).mappings()
+        return {row["prediction_id"]: dict(row) for row in found}
+
+
+def stored_hashes_in_data(project: Paths) -> list[str]:
+    """Pixel hashes of every image in the admitted batches of data/."""
+    hashes: list[str] = []
+    for file in stored_batches(project):
+        hashes.extend(pixel_hashes(read_batch_file(file).images))
+    return hashes
+
+
+def stored_hash(logged_image: bytes, project: Paths) -> str:
+    """The hash a logged image has once the inbox stored it."""
+    params = load_params(project.params)
+    return pixel_hashes(stored_form(plog.image_array(logged_image), params)[None])[0]
+
+
+# ---------------------------------------------------------------- the log itself (fast)
+
+
+def _logged(index: int, digit: int = 3, probability: float = 0.9, days_old: float = 0):
+    image = np.zeros((28, 28), np.float32)
+    image[4 + index % 10 : 20, 10:14] = 1.0
+    return plog.LoggedPrediction(
+        id=plog.new_id(),
+        model_name="m",
+        model_version="1",
+        source="api",
+        client="127.0.0.1",
+        file_sha256=hashlib.sha256(str(index).encode()).hexdigest(),
+        image=plog.image_bytes(image),
+        digit=digit,
+        probability=probability,
+        probabilities=[0.1] * 10,
+        latency_ms=1.0,
+        created_at=plog.now() - timedelta(days=days_old),
+    )
+
+
+def test_correction_rules_on_the_real_database(tmp_path: Path) -> None:
+    engine = plog.open_log(f"sqlite:///{tmp_path / 'log.db'}")
+    first, second = _logged(0), _logged(1)
+    plog.write_predictions(engine, [first, second])
+    assert plog.record_correction(engine, first.id, 7, "a") == "recorded"
+    assert plog.record_correction(engine, first.id, 7, "a") == "unchanged"
+    assert plog.record_correction(engine, first.id, 1, "a") == "replaced"
+    with pytest.raises(plog.UnknownPrediction, match="no prediction with id 'nope'"):
+        plog.record_correction(engine, "nope", 1, "a")
+    rows = correction_rows(engine, [first.id, second.id])
+    assert list(rows) == [first.id] and rows[first.id]["label"] == 1
+    assert rows[first.id]["state"] == plog.PENDING
+    with engine.begin() as connection:  # as an export leaves it
+        connection.execute(plog.corrections.update().values(state=plog.EXPORTED, batch="b"))
+    assert plog.record_correction(engine, first.id, 1, "a") == "unchanged"
+    with pytest.raises(plog.CorrectionSettled, match="can no longer change"):
+        plog.record_correction(engine, first.id, 2, "a")
+
+
+def unwritable_url(tmp_path: Path) -> str:
+    """A SQLite file under a path whose parent is a regular file: nothing can create it."""
+    (tmp_path / "a-file").write_text("not a folder")
+    return f"sqlite:///{tmp_path / 'a-file' / 'log.db'}"
+
+
+def test_a_log_that_cannot_be_written_counts_and_says_so(tmp_path: Path) -> None:
+    writer = plog.LogWriter(unwritable_url(tmp_path), 0.05, 100, 30)
+    writer.start()
+    try:
+        writer.submit([_logged(i) for i in range(3)])  # never raises
+        assert writer.flush(10)
+        health = writer.health()
+        assert health["status"] == "failing" and health["failed"] == 3
+        assert health["written"] == 0 and "unable to open database" in health["last_error"]
+    finally:
+        writer.stop()
+
+
+def test_the_writer_batches_and_a_full_queue_drops_and_counts(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    writer = plog.LogWriter(url, 0.05, 5, 30)
+    writer.submit([_logged(i) for i in range(8)])  # not started: the queue holds 5
+    assert writer.dropped == 3
+    writer.start()
+    assert writer.flush(10)
+    writer.stop()
+    with plog.engine_for(url).connect() as connection:
+        count = connection.execute(sa.select(sa.func.count()).select_from(plog.predictions))
+        assert count.scalar() == 5 == writer.written
+
+
+def test_old_images_are_purged_except_those_awaiting_export(tmp_path: Path) -> None:
+    engine = plog.open_log(f"sqlite:///{tmp_path / 'log.db'}")
+    old, old_corrected, recent = _logged(0, days_old=40), _logged(1, days_old=40), _logged(2)
+    plog.write_predictions(engine, [old, old_corrected, recent])
+    plog.record_correction(engine, old_corrected.id, 5, None)
+    assert plog.purge_images(engine, retention_days=30) == 1
+    rows = rows_for(engine, [old.id, old_corrected.id, recent.id])
+    assert rows[old.id]["image"] is None and rows[old.id]["digit"] == 3  # the row stays
+    assert rows[old_corrected.id]["image"] is not None and rows[recent.id]["image"] is not None
+
+
+@pytest.mark.slow
+def test_without_a_token_feedback_is_refused_beyond_loopback(champion, tmp_path) -> None:
+    """In process (Starlette's test client): a server bound beyond loopback with no token
+    refuses corrections; the same server with a token wants it."""
+    from fastapi.testclient import TestClient
+
+    from digitflow import tracking
+    from digitflow.imaging import ink_settings
+    from digitflow.inference import champion_uri
+    from digitflow.serving import FeedbackAccess, FixedModel, create_app, is_loopback
+
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4")
+    params = load_params(champion.params)
+    tracking.configure(champion, params)
+    holder = FixedModel(champion_uri(params), ink_settings(params.imaging))
+    writer = plog.LogWriter(f"sqlite:///{tmp_path / 'log.db'}", 0.05, 100, 30)
+    open_app = create_app(holder, params.serve, writer, FeedbackAccess(None, False, "9/minute"))
+    with TestClient(open_app) as client:
+        body = {"prediction_id": "x", "label": 1}
+        refused = client.post("/feedback", json=body)
+        assert refused.status_code == 403 and "DIGITFLOW_FEEDBACK_TOKEN" in refused.text
+    token_app = create_app(
+        holder, params.serve, writer, FeedbackAccess("s3cret", False, "9/minute")
+    )
+    with TestClient(token_app) as client:
+        assert client.post("/feedback", json=body).status_code == 401
+        shown = {"Authorization": "Bearer s3cret"}
+        assert client.post("/feedback", json=body, headers=shown).status_code == 404
+
+
+# ---------------------------------------------------------------- a real server and its log
+
+
+@pytest.fixture(scope="module")
+def feedback_project(champion: Paths, tmp_path_factory) -> Paths:
+    """A private copy of the champion project: corrections here never reach other tests."""
+    project = clone_project(champion, tmp_path_factory.mktemp("feedback") / "clone")
+    set_params(
+        project,
+        {
+            ("feedback", "rate_limit"): "100000/minute",
+            ("feedback", "confident_probability"): 0.5,
+        },
+    )
+    return project
+
+
+@pytest.fixture(scope="module")
+def feedback_server(feedback_project: Paths):
+    with digitflow_serve(feedback_project.root) as (base, _):
+        yield base
+
+
+@pytest.mark.slow
+def test_every_answer_has_an_id_and_a_row(feedback_server, feedback_project, mnist_source):
+    images, _ = fresh_digits(mnist_source, 0, 6)
+    answers = predict(feedback_server, images[:4])
+    page = requests.post(
+        f"{feedback_server}/predict?source=page",
+        files={"file": ("drawing.png", encode_png(images[4]))},
+        timeout=30,
+    ).json()["predictions"][0]
+    unlogged = predict(feedback_server, images[5:], query="?log=false")[0]
+    assert unlogged["prediction_id"] is None
+    ids = [answer["prediction_id"] for answer in answers] + [page["prediction_id"]]
+    assert len(set(ids)) == 5 and all(ids)
+    rows = rows_for(log_engine(feedback_project), ids)
+    assert set(rows) == set(ids)
+    for answer, image in zip([*answers, page], images[:5], strict=True):
+        row = rows[answer["prediction_id"]]
+        assert row["file_sha256"] == hashlib.sha256(encode_png(image)).hexdigest()
+        assert row["digit"] == answer["digit"] and row["model_version"] == "1"
+        assert row["probability"] == pytest.approx(answer["probability"], abs=1e-5)
+        assert sum(json.loads(row["probabilities"])) == pytest.approx(1, abs=1e-3)
+        assert len(row["image"]) == 784 and row["latency_ms"] > 0
+    assert [rows[i]["source"] for i in ids] == ["api"] * 4 + ["page"]
+    with log_engine(feedback_project).connect() as connection:
+        sha = hashlib.sha256(encode_png(images[5])).hexdigest()
+        query = sa.select(plog.predictions).where(plog.predictions.c.file_sha256 == sha)
+        assert connection.execute(query).first() is None
+    health = requests.get(f"{feedback_server}/health", timeout=10).json()
+    assert health["prediction_log"]["status"] == "ok" and health["prediction_log"]["written"] >= 5
+
+
+@pytest.mark.slow
+def test_feedback_rules_over_http(feedback_server, feedback_project, mnist_source) -> None:
+    images, _ = fresh_digits(mnist_source, 10, 2)
+    first, second = (answer["prediction_id"] for answer in predict(feedback_server, images))
+    missing = correct(feedback_server, "0" * 32, 3)
+    assert missing.status_code == 404 and "no prediction with id" in missing.json()["detail"]
+    for bad in (10, -1, "seven"):
+        assert correct(feedback_server, first, bad).status_code == 422
+    assert (
+        requests.post(f"{feedback_server}/feedback", json={"label": 3}, timeout=10).status_code
+        == 422
+    )
+    outcomes = [correct(feedback_server, first, label).json()["outcome"] for label in (3, 3, 8)]
+    assert outcomes == ["recorded", "unchanged", "replaced"]
+    assert correct(feedback_server, second, 2).json()["outcome"] == "recorded"
+    rows = correction_rows(log_engine(feedback_project), [first, second])
+    assert rows[first]["label"] == 8 and rows[second]["label"] == 2
+    assert {row["state"] for row in rows.values()} <= {plog.PENDING, plog.EXPORTING, plog.EXPORTED}
+
+
+@pytest.mark.slow
+def test_the_drawing_page_takes_a_correction(feedback_server, feedback_project) -> None:
+    """Draw in headless Chromium, press another digit's button, see the thanks, and find the
+    label in the database."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with headless_chromium() as browser:
+        browser.get(feedback_server + "/")
+        WebDriverWait(browser, 20).until(lambda b: "version" in b.find_element(By.ID, "model").text)
+        draw_a_one(browser, browser.find_element(By.ID, "pad"))
+        WebDriverWait(browser, 30).until(
+            lambda b: b.find_element(By.ID, "feedback").get_attribute("class") == "shown"
+        )
+        shown = int(browser.find_element(By.ID, "digit").text)
+        prediction_id = browser.execute_script("return answer.id")
+        label = (shown + 1) % 10
+        browser.find_element(By.ID, f"fix{label}").click()
+        WebDriverWait(browser, 20).until(
+            lambda b: "Thank you" in b.find_element(By.ID, "thanks").text
+        )
+        assert f"it's a {label}" in browser.find_element(By.ID, "thanks").text
+    engine = log_engine(feedback_project)
+    assert rows_for(engine, [prediction_id])[prediction_id]["source"] == "page"
+    assert correction_rows(engine, [prediction_id])[prediction_id]["label"] == label
+
+
+@pytest.mark.slow
+def test_corrections_become_a_new_data_version_in_a_real_flow_run(
+    feedback_server, feedback_project, mnist_source, tmp_path
+) -> None:
+    images, labels = fresh_digits(mnist_source, 20, 30)
+    answers = predict(feedback_server, images)
+    ids = [answer["prediction_id"] for answer in answers]
+    for prediction_id, label in zip(ids, labels, strict=True):
+        assert correct(feedback_server, prediction_id, int(label)).status_code == 200
+    before = data_hash(feedback_project)
+    result = run(
+        ["digitflow", "run"],
+        feedback_project.root,
+        env={"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": ""},
+    )
+    assert "pipeline finished" in result.stdout
+    summary = json.loads(feedback_project.last_run.read_text())
+    batch = summary["corrections"]["batch"]
+    assert summary["corrections"]["exported"] >= 30 and summary["corrections"]["held"] == 0
+    source = f"feedback-{batch}.npz"
+    admitted = {b["source"]: b for b in summary["batches"]}[source]
+    assert admitted["accepted"] and admitted["count"] == summary["corrections"]["exported"]
+    assert data_hash(feedback_project) != before
+    engine = log_engine(feedback_project)
+    rows = correction_rows(engine, ids)
+    assert {(row["state"], row["batch"]) for row in rows.values()} == {(plog.EXPORTED, batch)}
+    in_data = stored_hashes_in_data(feedback_project)
+    logged = rows_for(engine, ids)
+    assert all(in_data.count(stored_hash(logged[i]["image"], feedback_project)) == 1 for i in ids)
+    assert "train" in summary["stages_run"]
+
+
+@pytest.mark.slow
+def test_a_burst_of_contradicting_corrections_is_held_back(
+    feedback_server, feedback_project, mnist_source
+) -> None:
+    """200 answers all 'corrected' to 0: the ones that contradict a confident champion go to
+    quarantine with a report, and none of them reaches the training data."""
+    images, _ = fresh_digits(mnist_source, 100, 200)
+    answers = predict(feedback_server, images)
+    for answer in answers:
+        assert correct(feedback_server, answer["prediction_id"], 0).status_code == 200
+    confident = [
+        answer["prediction_id"]
+        for answer in answers
+        if answer["digit"] != 0 and answer["probability"] >= 0.5
+    ]
+    assert len(confident) >= 100, "the champion should be sure of most of these"
+    result = run(["digitflow", "feedback", "export"], feedback_project.root)
+    assert "held back for review" in result.stdout
+    engine = log_engine(feedback_project)
+    rows = correction_rows(engine, confident)
+    assert {row["state"] for row in rows.values()} == {plog.HELD}
+    (held_batch,) = {row["batch"] for row in rows.values()}
+    report_file = feedback_project.quarantine(load_params(feedback_project.params)) / (
+        f"feedback-{held_batch}" / Path("report.json")
+    )
+    report = json.loads(report_file.read_text())
+    assert report["by_label"] == {"0": len(confident)}
+    assert set(report["prediction_ids"]) == set(confident)
+    in_data = set(stored_hashes_in_data(feedback_project))
+    logged = rows_for(engine, confident)
+    assert not any(stored_hash(logged[i]["image"], feedback_project) in in_data for i in confident)
+
+
+@pytest.mark.slow
+def test_a_token_and_a_rate_limit_guard_feedback(champion, tmp_path, mnist_source) -> None:
+    project = clone_project(champion, tmp_path / "guarded")
+    set_params(project, {("feedback", "rate_limit"): "5/minute"})
+    with digitflow_serve(project.root, env={"DIGITFLOW_FEEDBACK_TOKEN": "s3cret"}) as (base, _):
+        images, labels = fresh_digits(mnist_source, 400, 1)
+        (answer,) = predict(base, images)
+        prediction_id, label = answer["prediction_id"], int(labels[0])
+        refused = correct(base, prediction_id, label)
+        assert refused.status_code == 401 and refused.headers["WWW-Authenticate"] == "Bearer"
+        wrong = {"Authorization": "Bearer guess"}
+        assert correct(base, prediction_id, label, headers=wrong).status_code == 401
+        shown = {"Authorization": "Bearer s3cret"}
+        statuses = [correct(base, prediction_id, label, headers=shown) for _ in range(7)]
+        codes = [reply.status_code for reply in statuses]
+        assert codes[:5] == [200] * 5 and codes[5:] == [429, 429], codes
+        assert int(statuses[-1].headers["Retry-After"]) >= 1
+
+
+@pytest.mark.slow
+def test_a_log_that_cannot_be_written_leaves_predictions_working(
+    champion, tmp_path, mnist_source
+) -> None:
+    project = clone_project(champion, tmp_path / "unwritable")
+    unwritable = unwritable_url(tmp_path)
+    with digitflow_serve(project.root, env={"DIGITFLOW_PREDICTION_DB": unwritable}) as (base, _):
+        images, _ = fresh_digits(mnist_source, 410, 3)
+        answers = predict(base, images)
+        assert [answer["digit"] for answer in answers] and all(a["prediction_id"] for a in answers)
+        deadline = time.monotonic() + 15
+        while (health := requests.get(f"{base}/health", timeout=10).json())["prediction_log"][
+            "failed"
+        ] < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert health["status"] == "degraded"
+        assert health["prediction_log"]["failed"] == 3
+        assert "unable to open database" in health["prediction_log"]["last_error"]
+        refused = correct(base, answers[0]["prediction_id"], 1)
+        assert refused.status_code == 503 and "cannot be written" in refused.text
+
+
+@pytest.mark.slow
+def test_the_log_on_postgresql(champion, tmp_path, mnist_source, postgres: str) -> None:
+    """The same server, log and export on a real PostgreSQL, through $DIGITFLOW_PREDICTION_DB."""
+    project = clone_project(champion, tmp_path / "on-postgres")
+    url = postgres.replace("postgresql://", "postgresql+psycopg://")
+    env = {"DIGITFLOW_PREDICTION_DB": url}
+    with digitflow_serve(project.root, env=env) as (base, _):
+        images, labels = fresh_digits(mnist_source, 420, 12)
+        answers = predict(base, images)
+        for answer, label in zip(answers, labels, strict=True):
+            assert correct(base, answer["prediction_id"], int(label)).status_code == 200
+    status = json.loads(run(["digitflow", "feedback", "--json"], project.root, env=env).stdout)
+    assert status["predictions"] >= 12 and status["by_state"]["pending"] >= 12
+    assert sum(row["corrected"] for row in status["accuracy"]) >= 12
+    exported = run(["digitflow", "feedback", "export"], project.root, env=env)
+    assert "correction(s) -> inbox/feedback-" in exported.stdout
+    engine = plog.engine_for(url)
+    rows = correction_rows(engine, [answer["prediction_id"] for answer in answers])
+    assert {row["state"] for row in rows.values()} == {plog.EXPORTED}
+    with engine.connect() as connection:
+        assert connection.dialect.name == "postgresql"
+
+
+# ---------------------------------------------------------------- crash safety
+
+
+def _seed_corrections(project: Paths, images: np.ndarray, labels: np.ndarray) -> list[str]:
+    """Log predictions that agree with the labels, and confirm each (as users do)."""
+    engine = plog.open_log(project.prediction_db(load_params(project.params)))
+    logged = []
+    for index, (image, label) in enumerate(zip(images, labels, strict=True)):
+        entry = _logged(index, digit=int(label), probability=0.99)
+        logged.append(
+            plog.LoggedPrediction(**{**entry.__dict__, "image": plog.image_bytes(image / 255.0)})
+        )
+    plog.write_predictions(engine, logged)
+    for entry in logged:
+        plog.record_correction(engine, entry.id, entry.digit, "127.0.0.1")
+    return [entry.id for entry in logged]
+
+
+def _export(project: Paths) -> subprocess.Popen:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    return subprocess.Popen(
+        ["digitflow", "feedback", "export"],
+        cwd=project.root,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _copies_in_data(project: Paths, ids: list[str]) -> dict[str, int]:
+    engine = log_engine(project)
+    logged = rows_for(engine, ids, seconds=0)
+    in_data = stored_hashes_in_data(project)
+    return {i: in_data.count(stored_hash(logged[i]["image"], project)) for i in ids}
+
+
+@pytest.mark.slow
+def test_sigkill_during_export_loses_and_repeats_nothing(tmp_path, ingested, mnist_source) -> None:
+    """Kill `digitflow feedback export` with SIGKILL at points spread over its run: every
+    correction stays pending or is in the data exactly once, and the next export finishes."""
+    import shutil
+
+    project = make_project(tmp_path / "project")
+    shutil.copytree(ingested.raw, project.raw)
+    images, labels = fresh_digits(mnist_source, 500, 100)
+    ids = _seed_corrections(project, images[:10], labels[:10])
+    started = time.monotonic()
+    assert _export(project).wait(timeout=300) == 0
+    duration = time.monotonic() - started
+    assert set(_copies_in_data(project, ids).values()) == {1}
+    engine = log_engine(project)
+    for round_, fraction in enumerate((0.1, 0.25, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.97)):
+        chunk = slice(10 + 10 * round_, 20 + 10 * round_)
+        ids += _seed_corrections(project, images[chunk], labels[chunk])
+        process = _export(project)
+        time.sleep(duration * fraction)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+        copies = _copies_in_data(project, ids)
+        states = {
+            row["prediction_id"]: row["state"] for row in correction_rows(engine, ids).values()
+        }
+        assert max(copies.values()) == 1, f"a correction is in the data twice (kill at {fraction})"
+        assert all(copies[i] == 1 for i in ids if states[i] == plog.EXPORTED)
+        assert set(states.values()) <= {plog.PENDING, plog.EXPORTING, plog.EXPORTED}
+    assert _export(project).wait(timeout=300) == 0
+    states = {row["state"] for row in correction_rows(engine, ids).values()}
+    assert states == {plog.EXPORTED}
+    assert set(_copies_in_data(project, ids).values()) == {1}
+    assert not list(project.inbox(load_params(project.params)).glob("*feedback-*"))
+    status = run(["dvc", "status", "data.dvc"], project.root)
+    assert "changed" not in status.stdout, status.stdout
