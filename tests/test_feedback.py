@@ -283,6 +283,25 @@ def test_every_answer_has_an_id_and_a_row(feedback_server, feedback_project, mni
 
 
 @pytest.mark.slow
+def test_predict_log_records_batch_scoring(feedback_project, mnist_source, tmp_path) -> None:
+    images, _ = fresh_digits(mnist_source, 40, 3)
+    for index, image in enumerate(images):
+        (tmp_path / f"d{index}.png").write_bytes(encode_png(255 - image))
+    result = run(["digitflow", "predict", "--json", "--log", str(tmp_path)], feedback_project.root)
+    assert "logged 3 prediction(s)" in result.stderr
+    digits = [record["digit"] for record in json.loads(result.stdout)]
+    shas = [hashlib.sha256((tmp_path / f"d{i}.png").read_bytes()).hexdigest() for i in range(3)]
+    with log_engine(feedback_project).connect() as connection:
+        found = connection.execute(
+            sa.select(plog.predictions).where(plog.predictions.c.file_sha256.in_(shas))
+        ).mappings()
+        rows = {row["file_sha256"]: row for row in found}
+    assert [rows[sha]["digit"] for sha in shas] == digits
+    assert {rows[sha]["source"] for sha in shas} == {"batch"}
+    assert {rows[sha]["model_version"] for sha in shas} <= {"1", "2"}
+
+
+@pytest.mark.slow
 def test_feedback_rules_over_http(feedback_server, feedback_project, mnist_source) -> None:
     images, _ = fresh_digits(mnist_source, 10, 2)
     first, second = (answer["prediction_id"] for answer in predict(feedback_server, images))

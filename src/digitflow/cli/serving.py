@@ -145,9 +145,16 @@ def serve(
             help="Serve this model only, never reloaded. Default: the champion, reloaded when its alias moves.",
         ),
     ] = None,
+    log: Annotated[
+        bool,
+        typer.Option(
+            help="Log every answer to the prediction log (default: feedback.log_predictions)."
+        ),
+    ] = True,
     root: RootOption = None,
 ) -> None:
-    """HTTP API (POST /predict, GET /health, /docs) and a drawing page at / for the champion."""
+    """HTTP API (POST /predict, POST /feedback, GET /health, /docs) and a drawing page at / for
+    the champion; every answer is logged for corrections."""
     from ..imaging import ink_settings
     from ..serving import ChampionHolder, FixedModel
     from ..serving import serve as run_server
@@ -171,23 +178,24 @@ def serve(
             f"cannot load the model to serve: {getattr(exc, 'message', exc)} (run `digitflow run` first)"
         )
     bind_host, bind_port = host or settings.host, port or settings.port
-    log, access = _prediction_log(project, params, bind_host)
+    log_writer, access = _prediction_log(project, params, bind_host, log)
     console.print(
         f"drawing page: http://{bind_host}:{bind_port}/   API docs: http://{bind_host}:{bind_port}/docs"
     )
-    run_server(holder, settings, bind_host, bind_port, log, access)
+    run_server(holder, settings, bind_host, bind_port, log_writer, access)
 
 
-def _prediction_log(project, params: Params, host: str):
-    """The log writer (None when feedback.log_predictions is off) and who may send feedback."""
+def _prediction_log(project, params: Params, host: str, wanted: bool):
+    """The log writer (None when --no-log or feedback.log_predictions is off) and who may send
+    feedback."""
     from ..predictionlog import LogWriter
     from ..serving import FeedbackAccess, is_loopback
 
     settings = params.feedback
     token = os.environ.get(FEEDBACK_TOKEN_ENV) or None
     access = FeedbackAccess(token, is_loopback(host), settings.rate_limit)
-    if not settings.log_predictions:
-        console.print("prediction log: off (feedback.log_predictions); /feedback answers 503")
+    if not (wanted and settings.log_predictions):
+        console.print("prediction log: off; /feedback answers 503")
         return None, access
     url = project.prediction_db(params)
     log = LogWriter(url, settings.flush_interval_s, settings.queue_size, settings.retention_days)

@@ -1,0 +1,128 @@
+"""What logging every prediction costs the caller: single-image latency with the log on and off.
+
+python bench/prediction_log.py [--requests 200] [--rounds 5]
+
+Trains a quick champion in a fresh clone, then starts two `digitflow serve` processes on the same
+model, one logging to the SQLite prediction log and one with `--no-log`, and sends each the same
+single-PNG requests in alternating blocks (a pause after each block lets the background writer
+finish, so its writes count against the logging side only). Writes p50/p90/p99 for each side,
+the ratios (goal: at most 1.10), and how many rows the log holds afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from common import project_copy, timed, write_result
+from serving import QUICK, free_port, percentiles
+
+
+def start(work: Path, port: int, *options: str) -> subprocess.Popen:
+    import requests
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    process = subprocess.Popen(
+        ["digitflow", "serve", "--port", str(port), *options],
+        cwd=work,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
+                return process
+        except requests.ConnectionError:
+            time.sleep(0.5)
+    process.kill()
+    raise RuntimeError("digitflow serve did not come up within 120 s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--requests", type=int, default=200, help="requests per block and side")
+    parser.add_argument("--rounds", type=int, default=5, help="blocks per side, alternating")
+    args = parser.parse_args()
+
+    import requests
+
+    work = project_copy("prediction-log", QUICK)
+    env = {"PREFECT_HOME": str(work / ".prefect"), "MLFLOW_TRACKING_URI": ""}
+    timed(["digitflow", "run"], work, env)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+    from digitflow.config import load_params, paths
+    from digitflow.dataset import load_raw
+    from digitflow.imaging import encode_png
+
+    project = paths(work)
+    params = load_params(project.params)
+    digits = load_raw(project, params.data)["test"].images[: args.requests]
+    pngs = [encode_png(255 - digit) for digit in digits]
+
+    ports = {"log_on": free_port(), "log_off": free_port()}
+    servers = {
+        "log_on": start(work, ports["log_on"]),
+        "log_off": start(work, ports["log_off"], "--no-log"),
+    }
+    latencies: dict[str, list[float]] = {side: [] for side in servers}
+    try:
+        sessions = {side: requests.Session() for side in servers}
+        for side, session in sessions.items():  # warm-up
+            for data in pngs[:20]:
+                session.post(f"http://127.0.0.1:{ports[side]}/predict", files={"file": data})
+        for round_number in range(args.rounds):
+            order = ["log_on", "log_off"] if round_number % 2 == 0 else ["log_off", "log_on"]
+            for side in order:
+                url = f"http://127.0.0.1:{ports[side]}/predict"
+                for data in pngs:
+                    started = time.perf_counter()
+                    sessions[side].post(url, files={"file": ("d.png", data)}).raise_for_status()
+                    latencies[side].append(time.perf_counter() - started)
+                time.sleep(1.0)  # the logging side's last batch is written before the next block
+            print(
+                f"round {round_number + 1}: "
+                + json.dumps({side: percentiles(values) for side, values in latencies.items()})
+            )
+        health = requests.get(f"http://127.0.0.1:{ports['log_on']}/health", timeout=10).json()
+    finally:
+        for server in servers.values():
+            server.terminate()
+            server.wait(timeout=30)
+
+    summary = {side: percentiles(values) for side, values in latencies.items()}
+    figures = {
+        "settings": {"requests_per_block": len(pngs), "rounds": args.rounds},
+        "single_image_latency_ms": summary,
+        "ratios_log_on_over_off": {
+            q: round(summary["log_on"][q] / summary["log_off"][q], 3) for q in ("p50", "p90", "p99")
+        },
+        "mean_ms": {
+            side: round(float(np.mean(values)) * 1000, 2) for side, values in latencies.items()
+        },
+        "prediction_log": health["prediction_log"],
+    }
+    write_result("prediction-log", figures)
+    print(
+        json.dumps(
+            {
+                k: figures[k]
+                for k in ("single_image_latency_ms", "ratios_log_on_over_off", "prediction_log")
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
