@@ -95,6 +95,19 @@ def table() -> str:
             f"| {serving['ratios']['http_batch_over_keras']:.2f} ({rates['http_batch']:.0f} / {rates['keras_arrays']:.0f} images/s; "
             f"pyfunc in-process {rates['pyfunc_bytes']:.0f}, one `predict` call over all {rates['keras_one_call']:.0f}) | same | same |"
         )
+    logging = newest("prediction-log")
+    if logging:
+        on, off = (
+            logging["single_image_latency_ms"]["log_on"],
+            logging["single_image_latency_ms"]["log_off"],
+        )
+        ratios = logging["ratios_log_on_over_off"]
+        rows.append(
+            f"| one image over HTTP, prediction log on / off | p50 {ratios['p50']:.2f} ({on['p50']:.1f} / "
+            f"{off['p50']:.1f} ms), p99 {ratios['p99']:.2f} ({on['p99']:.1f} / {off['p99']:.1f} ms); "
+            f"{logging['prediction_log']['written']} rows written, {logging['prediction_log']['failed']} failed "
+            f"| `python bench/prediction_log.py` | `{logging['file']}` ({machine_of(logging)}) |"
+        )
     sweep = newest("sweep")
     if sweep:
         medians = sweep["median_seconds"]

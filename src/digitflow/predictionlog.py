@@ -198,9 +198,13 @@ def entries(
     from .inference import PROBABILITY_COLUMNS
 
     stamp = now()
+    errors = results["error"].to_numpy()
+    digits = results["digit"].to_numpy()
+    probability = results["probability"].to_numpy()
+    probabilities = results[PROBABILITY_COLUMNS].to_numpy()
     logged = []
     for index, data in enumerate(contents):
-        if results["error"].iloc[index]:
+        if errors[index]:
             continue
         logged.append(
             LoggedPrediction(
@@ -211,9 +215,9 @@ def entries(
                 client=client,
                 file_sha256=hashlib.sha256(data).hexdigest(),
                 image=image_bytes(inputs[index]),
-                digit=int(results["digit"].iloc[index]),
-                probability=float(results["probability"].iloc[index]),
-                probabilities=[float(p) for p in results[PROBABILITY_COLUMNS].iloc[index]],
+                digit=int(digits[index]),
+                probability=float(probability[index]),
+                probabilities=probabilities[index].tolist(),
                 latency_ms=latency_ms,
                 created_at=stamp,
             )
