@@ -73,10 +73,21 @@ def classify(keras_model, images: Sequence[bytes], ink: InkSettings) -> pd.DataF
 
 def classify_prepared(keras_model, batch: np.ndarray, errors: list[str]) -> pd.DataFrame:
     """Prepared model inputs (and their errors) -> one row per image, as classify()."""
+    return results_frame(probabilities_prepared(keras_model, batch, errors), errors)
+
+
+def probabilities_prepared(keras_model, batch: np.ndarray, errors: list[str]) -> np.ndarray:
+    """Class probabilities of the prepared inputs, (n, 10); NaN rows where an image failed."""
     good = np.array([not message for message in errors], dtype=bool)
     probabilities = np.full((len(batch), NUM_CLASSES), np.nan)
     if good.any():
         probabilities[good] = probabilities_of(keras_model, batch[good])
+    return probabilities
+
+
+def results_frame(probabilities: np.ndarray, errors: list[str]) -> pd.DataFrame:
+    """One row per image: digit (-1 for a failed image), probability, p0..p9, error."""
+    good = ~np.isnan(probabilities).any(axis=1)
     known = np.nan_to_num(probabilities, nan=-1.0)
     frame = pd.DataFrame(probabilities, columns=PROBABILITY_COLUMNS)
     frame.insert(0, "digit", np.where(good, known.argmax(axis=1), -1).astype(np.int64))
@@ -148,10 +159,12 @@ def log_model(keras_file: Path, params: Params) -> str:
 
 @dataclass(frozen=True)
 class Scored:
-    """Results, one row per image, and the 28x28 inputs the model saw."""
+    """Results, one row per image; the 28x28 inputs the model saw; the probabilities as an
+    array (NaN rows for images that failed)."""
 
     results: pd.DataFrame
     inputs: np.ndarray
+    probabilities: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -174,7 +187,8 @@ class Scorer:
 
     def score(self, images: Sequence[bytes]) -> Scored:
         batch, errors = prepare_batch(images, self.ink)
-        return Scored(classify_prepared(self.keras_model, batch, errors), batch)
+        probabilities = probabilities_prepared(self.keras_model, batch, errors)
+        return Scored(results_frame(probabilities, errors), batch, probabilities)
 
 
 def version_of(model_uri: str) -> str:

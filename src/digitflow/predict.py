@@ -61,7 +61,7 @@ def predict_files(scorer: inference.Scorer, files: list[Path]) -> Scored:
     and the inputs the model saw (for the prediction log)."""
     if not files:
         empty = pd.DataFrame(columns=["file", "digit", "probability", "error"])
-        return Scored(empty, np.zeros((0, 28, 28, 1), np.float32))
+        return Scored(empty, np.zeros((0, 28, 28, 1), np.float32), np.zeros((0, 10)))
     contents, read_errors = read_files(files)
     scored = scorer.score(contents)
     results = scored.results.copy()
@@ -70,7 +70,7 @@ def predict_files(scorer: inference.Scorer, files: list[Path]) -> Scored:
     ]
     results.loc[results["error"] != "", "digit"] = -1
     results.insert(0, "file", [str(file) for file in files])
-    return Scored(results, scored.inputs)
+    return Scored(results, scored.inputs, scored.probabilities)
 
 
 def as_records(results: pd.DataFrame) -> list[dict]:

@@ -185,7 +185,7 @@ class LoggedPrediction:
 
 
 def entries(
-    results: Any,
+    probabilities: np.ndarray,
     inputs: np.ndarray,
     contents: list[bytes],
     model: tuple[str, str],
@@ -193,19 +193,16 @@ def entries(
     client: str | None,
     latency_ms: float,
 ) -> list[LoggedPrediction]:
-    """Log entries for the answered rows of a results frame (rows with an error are skipped),
-    each with a fresh id; `model` is (name, version)."""
-    from .inference import PROBABILITY_COLUMNS
-
+    """Log entries for the answered images (rows of NaN probabilities, images that failed, are
+    skipped), each with a fresh id; `model` is (name, version)."""
     stamp = now()
-    errors = results["error"].to_numpy()
-    digits = results["digit"].to_numpy()
-    probability = results["probability"].to_numpy()
-    probabilities = results[PROBABILITY_COLUMNS].to_numpy()
+    answered = ~np.isnan(probabilities).any(axis=1)
     logged = []
     for index, data in enumerate(contents):
-        if errors[index]:
+        if not answered[index]:
             continue
+        row = probabilities[index]
+        digit = int(row.argmax())
         logged.append(
             LoggedPrediction(
                 id=new_id(),
@@ -215,9 +212,9 @@ def entries(
                 client=client,
                 file_sha256=hashlib.sha256(data).hexdigest(),
                 image=image_bytes(inputs[index]),
-                digit=int(digits[index]),
-                probability=float(probability[index]),
-                probabilities=probabilities[index].tolist(),
+                digit=digit,
+                probability=float(row[digit]),
+                probabilities=row.tolist(),
                 latency_ms=latency_ms,
                 created_at=stamp,
             )

@@ -403,7 +403,7 @@ def create_app(
             return [None] * len(items)
         source = "page" if request.query_params.get("source") == "page" else "api"
         logged = predictionlog.entries(
-            scored.results,
+            scored.probabilities,
             scored.inputs,
             [data for _, data in items],
             (holder.name, served.version),
@@ -443,13 +443,13 @@ def create_app(
                     index=index,
                     prediction_id=ids[index],
                     filename=filename,
-                    digit=int(results["digit"][index]),
-                    probability=float(results["probability"][index]),
-                    probabilities=[
-                        float(p) for p in results.loc[index, inference.PROBABILITY_COLUMNS]
-                    ],
+                    digit=int(row.argmax()),
+                    probability=float(row.max()),
+                    probabilities=row.tolist(),
                 )
-                for index, (filename, _) in enumerate(items)
+                for (index, (filename, _)), row in zip(
+                    enumerate(items), scored.probabilities, strict=True
+                )
             ],
         )
 

@@ -98,7 +98,7 @@ def _log_batch(project, params: Params, scored, files: list[Path], uri: str, ver
     name = params.mlflow.registered_model if uri.startswith("models:/") else uri
     contents, _ = read_files(files)
     logged = entries(
-        scored.results,
+        scored.probabilities,
         scored.inputs,
         contents,
         (name, version),
