@@ -15,6 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import requests
 import sqlalchemy as sa
@@ -195,6 +196,72 @@ def test_old_images_are_purged_except_those_awaiting_export(tmp_path: Path) -> N
     rows = rows_for(engine, [old.id, old_corrected.id, recent.id])
     assert rows[old.id]["image"] is None and rows[old.id]["digit"] == 3  # the row stays
     assert rows[old_corrected.id]["image"] is not None and rows[recent.id]["image"] is not None
+
+
+def _claim(engine: sa.Engine, batch: str) -> str:
+    """A logged, corrected prediction claimed by export batch `batch`; its id."""
+    entry = _logged(0)
+    plog.write_predictions(engine, [entry])
+    plog.record_correction(engine, entry.id, 4, None)
+    with engine.begin() as connection:
+        connection.execute(
+            plog.corrections.update()
+            .where(plog.corrections.c.prediction_id == entry.id)
+            .values(state=plog.EXPORTING, batch=batch)
+        )
+    return entry.id
+
+
+def test_reconcile_settles_each_claim_from_where_its_batch_is(tmp_path: Path) -> None:
+    """Admitted (even before the manifest was rewritten) -> exported; quarantined -> rejected;
+    in the inbox -> left; never written -> pending again; a partial file is removed."""
+    from digitflow.feedback import batch_file, reconcile
+    from digitflow.inbox import Batch, store
+
+    project = make_project(tmp_path / "project", with_git=False)
+    params = load_params(project.params)
+    engine = plog.open_log(f"sqlite:///{tmp_path / 'log.db'}")
+    ids = {name: _claim(engine, name) for name in ("admitted", "quarantined", "waiting", "lost")}
+    images = np.zeros((1, 28, 28), np.uint8)
+    store(Batch(Path(batch_file("admitted")), images, np.array([4])), project)
+    project.manifest.unlink()  # as if killed between storing the batch and the manifest
+    (project.quarantine(params) / f"20260101T000000Z-{batch_file('quarantined')}").mkdir(
+        parents=True
+    )
+    project.inbox(params).mkdir()
+    (project.inbox(params) / batch_file("waiting")).write_bytes(b"npz")
+    partial = project.inbox(params) / f".{batch_file('lost')}.tmp"
+    partial.write_bytes(b"half")
+    moved = reconcile(engine, project, params)
+    assert moved == {plog.EXPORTED: 1, plog.REJECTED: 1, plog.PENDING: 1}
+    states = {
+        row["prediction_id"]: row["state"]
+        for row in correction_rows(engine, [*ids.values()]).values()
+    }
+    assert states == {
+        ids["admitted"]: plog.EXPORTED,
+        ids["quarantined"]: plog.REJECTED,
+        ids["waiting"]: plog.EXPORTING,
+        ids["lost"]: plog.PENDING,
+    }
+    assert not partial.exists()
+
+
+def test_the_poisoning_rule(params) -> None:
+    from digitflow.feedback import should_hold, suspicious
+
+    settings = params.feedback
+    sure = settings.confident_probability
+    frame = pd.DataFrame(
+        {"label": [0] * 30 + [5] * 10, "digit": [7] * 30 + [5] * 10, "probability": [sure] * 40}
+    )
+    flags = suspicious(frame, settings)
+    assert flags.sum() == 30 and should_hold(flags, settings)
+    assert not should_hold(flags[: settings.hold_min_count - 1], settings)  # too few
+    few_among_many = pd.concat([flags[:20], pd.Series([False] * 200)], ignore_index=True)
+    assert not should_hold(few_among_many, settings)  # 20 of 220: honest mistakes
+    unsure = frame.assign(probability=sure - 0.01)
+    assert not suspicious(unsure, settings).any()
 
 
 @pytest.mark.slow

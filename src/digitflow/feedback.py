@@ -5,7 +5,7 @@ A correction moves through states in the prediction log (predictionlog.STATES):
     pending --claim--> exporting(batch B) --B admitted by the inbox--> exported
                                           --B quarantined by the inbox--> rejected
     pending --poisoning guard--> held (quarantined with a report, for a person to review)
-    pending --image already in the data, twice in one export, or unreadable--> skipped
+    pending --image already in the data, twice in one export, unreadable or purged--> skipped
 
 Each step is committed before the next starts, and `reconcile` reads where batch B really is
 (the data manifest, the inbox, the quarantine) to finish or undo a claim that a crash
@@ -79,7 +79,8 @@ class Export:
             )
         if self.skipped:
             lines.append(
-                f"{self.skipped} correction(s) skipped: image already in the data or unreadable"
+                f"{self.skipped} correction(s) skipped: image already in the data, "
+                "unreadable or no longer kept"
             )
         if any(self.reconciled.values()):
             done = ", ".join(f"{n} {state}" for state, n in self.reconciled.items() if n)
@@ -91,10 +92,9 @@ class Export:
 
 
 def admitted_sources(paths: Paths) -> set[str]:
-    """File names of the inbox batches that data/ holds (from the manifest)."""
-    if not paths.manifest.is_file():
-        return set()
-    return set(pd.read_csv(paths.manifest, usecols=["source"])["source"].astype(str))
+    """File names of the inbox batches that data/ holds (from the records the stored batches
+    carry, which exist before the manifest is rewritten)."""
+    return {str(record["source"]) for record in inbox.stored_records(paths)}
 
 
 def _in_quarantine(paths: Paths, params: Params, name: str) -> bool:
@@ -206,6 +206,19 @@ def should_hold(flags: pd.Series, settings: FeedbackParams) -> bool:
     return count >= settings.hold_min_count and count / max(len(flags), 1) >= settings.hold_share
 
 
+def _skip_purged(engine: Engine) -> int:
+    """Mark pending corrections whose image is no longer kept as skipped; how many."""
+    purged = sa.select(predictions.c.id).where(predictions.c.image.is_(None))
+    with transaction(engine) as connection:
+        result = connection.execute(
+            corrections.update()
+            .where(corrections.c.state == PENDING)
+            .where(corrections.c.prediction_id.in_(purged))
+            .values(state=SKIPPED)
+        )
+    return int(result.rowcount or 0)
+
+
 def _new_batch() -> str:
     return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
 
@@ -281,13 +294,14 @@ def export_pending(engine: Engine, paths: Paths, params: Params) -> Export:
     """Write the pending corrections as one inbox batch (after the poisoning guard and the
     duplicate check); the inbox admits it, then `reconcile` marks them exported."""
     outcome = Export(reconciled=reconcile(engine, paths, params))
+    outcome.skipped = _skip_purged(engine)
     frame = pending_frame(engine)
     if frame.empty:
         return outcome
     batch = _new_batch()
     duplicate = unfit(frame, inbox.known_hashes(paths, params), params)
     _set_state(engine, list(frame.loc[duplicate, "prediction_id"]), SKIPPED, None)
-    outcome.skipped = int(duplicate.sum())
+    outcome.skipped += int(duplicate.sum())
     frame = frame.loc[~duplicate]
     flags = suspicious(frame, params.feedback)
     if should_hold(flags, params.feedback):

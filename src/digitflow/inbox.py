@@ -298,13 +298,19 @@ def quarantine(path: Path, paths: Paths, params: Params, problems: list[str], re
     return target
 
 
-def write_manifest(paths: Paths) -> pd.DataFrame:
-    """Rebuild data/batches/manifest.csv from the stored batches (each carries its own record)."""
-    rows = []
+def stored_records(paths: Paths) -> list[dict]:
+    """The record each stored batch carries (batch_id, source, count, ...), oldest first: the
+    truth the manifest is built from."""
+    records = []
     for file in stored_batches(paths):
         with np.load(file, allow_pickle=False) as stored:
-            rows.append(json.loads(str(stored["record"])))
-    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+            records.append(json.loads(str(stored["record"])))
+    return records
+
+
+def write_manifest(paths: Paths) -> pd.DataFrame:
+    """Rebuild data/batches/manifest.csv from the stored batches (each carries its own record)."""
+    manifest = pd.DataFrame(stored_records(paths), columns=MANIFEST_COLUMNS)
     temporary = paths.manifest.with_suffix(".csv.tmp")
     manifest.to_csv(temporary, index=False)
     temporary.replace(paths.manifest)
@@ -351,7 +357,8 @@ def admit(path: Path, paths: Paths, params: Params, known: set[str]) -> Admissio
     inbox = paths.inbox(params)
     batch = read_batch(path, params)
     existing = already_stored(batch.sha256, paths) if len(batch.labels) else None
-    if existing:
+    if existing:  # stored by a run that died before it emptied the inbox (or wrote the manifest)
+        write_manifest(paths)
         _take_out(path, inbox, None)
         return Admission(
             path.name, True, len(batch.labels), existing, batch.sha256, "already stored"
