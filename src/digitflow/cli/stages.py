@@ -118,6 +118,13 @@ def print_summary(summary: dict, elapsed: float, project: Paths) -> None:
     console.print()
     console.print(f"[bold green]pipeline finished[/] in {elapsed:.0f} s")
     console.print(f"  data.dvc md5      {summary.get('data_hash')}")
+    corrections = summary.get("corrections") or {}
+    if corrections.get("exported") or corrections.get("held") or corrections.get("skipped"):
+        console.print(
+            f"  corrections       {corrections.get('exported', 0)} exported, "
+            f"{corrections.get('held', 0)} held back for review, "
+            f"{corrections.get('skipped', 0)} skipped"
+        )
     for batch in summary.get("batches") or []:
         verdict = "[green]admitted[/]" if batch["accepted"] else "[red]quarantined[/]"
         if batch.get("deferred"):
