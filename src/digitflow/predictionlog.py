@@ -141,7 +141,7 @@ def open_log(url: str) -> Engine:
 
 def _shown(url: str) -> str:
     """The URL without its password."""
-    return sa.engine.make_url(url).render_as_string(hide_password=True)
+    return sa.engine.make_url(url).render_as_string()  # masks the password as ***
 
 
 @contextmanager

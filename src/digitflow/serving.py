@@ -185,6 +185,7 @@ def is_loopback(host: str) -> bool:
 
 
 FEEDBACK_REFUSALS = {
+    400: "the body is not valid JSON",
     401: "a feedback token is set and the request did not show it (Authorization: Bearer TOKEN)",
     403: "the server listens beyond loopback and no feedback token is set",
     404: "no prediction with this id in the log",
