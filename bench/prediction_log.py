@@ -14,36 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 from common import project_copy, timed, write_result
-from serving import QUICK, free_port, percentiles
-
-
-def start(work: Path, port: int, *options: str) -> subprocess.Popen:
-    import requests
-
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    process = subprocess.Popen(
-        ["digitflow", "serve", "--port", str(port), *options],
-        cwd=work,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
-                return process
-        except requests.ConnectionError:
-            time.sleep(0.5)
-    process.kill()
-    raise RuntimeError("digitflow serve did not come up within 120 s")
+from serving import QUICK, free_port, percentiles, start_server
 
 
 def main() -> None:
@@ -72,8 +47,8 @@ def main() -> None:
 
     ports = {"log_on": free_port(), "log_off": free_port()}
     servers = {
-        "log_on": start(work, ports["log_on"]),
-        "log_off": start(work, ports["log_off"], "--no-log"),
+        "log_on": start_server(work, ports["log_on"]),
+        "log_off": start_server(work, ports["log_off"], "--no-log"),
     }
     latencies: dict[str, list[float]] = {side: [] for side in servers}
     try:

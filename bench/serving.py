@@ -40,12 +40,13 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(work: Path, port: int) -> subprocess.Popen:
+def start_server(work: Path, port: int, *options: str) -> subprocess.Popen:
+    """`digitflow serve` in `work` on `port` (with extra CLI options), once /health answers."""
     import requests
 
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     process = subprocess.Popen(
-        ["digitflow", "serve", "--port", str(port)],
+        ["digitflow", "serve", "--port", str(port), *options],
         cwd=work,
         env=env,
         stdout=subprocess.DEVNULL,
