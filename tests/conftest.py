@@ -127,7 +127,6 @@ PIPELINE_SLICE = {
     ("train", "epochs"): 2,
     ("train", "lr_schedule"): "constant",
     ("promotion", "min_accuracy"): 0.3,
-    ("promotion", "min_delta"): 0.001,
 }
 
 

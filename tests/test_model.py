@@ -96,24 +96,6 @@ def test_preprocess_never_takes_validation_from_test(tmp_path, ingested: Paths, 
     assert np.bincount(splits["val"].y, minlength=10).min() >= 15
 
 
-@pytest.mark.parametrize(
-    ("challenger", "champion", "expected"),
-    [
-        (0.95, None, False),
-        (0.98, None, True),
-        (0.990, 0.9899, False),
-        (0.9906, 0.9900, True),
-        (0.9800, 0.9900, False),
-    ],
-)
-def test_promotion_policy(params, challenger, champion, expected) -> None:
-    from digitflow.registry import decide
-
-    policy = params.promotion.model_copy(update={"min_accuracy": 0.97, "min_delta": 0.0005})
-    promoted, reason = decide(challenger, champion, policy)
-    assert promoted is expected and reason
-
-
 @pytest.mark.slow
 def test_mirrored_strategy_trains_as_well_as_default(ingested: Paths, params) -> None:
     """train.strategy=mirrored runs under tf.distribute (one CPU replica here), same accuracy."""

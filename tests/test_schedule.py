@@ -31,7 +31,7 @@ SLICE = {
     ("train", "epochs"): 2,
     ("train", "lr_schedule"): "constant",
     ("promotion", "min_accuracy"): 0.3,
-    ("promotion", "min_delta"): 0.5,  # later runs never replace the champion by themselves
+    ("promotion", "alpha"): 1e-12,  # later runs never replace the champion by themselves
 }
 
 
@@ -242,7 +242,7 @@ def test_inbox_batch_becomes_a_new_data_version_and_a_new_model(deployed, mnist_
     assert runs[-1].data.tags[tracking.TAG_DATA_HASH] == new_hash
     promotion = json.loads(deployed.promotion_report.read_text())
     assert promotion["run_id"] == runs[-1].info.run_id
-    assert promotion["promoted"] is False and "min_delta" in promotion["reason"]
+    assert promotion["promoted"] is False and promotion["rule"] == "insufficient evidence"
     validation = json.loads(deployed.validation_report.read_text())
     assert validation["success"] and validation["stats"]["rows"]["train"] == 60_000 + 120
 

@@ -111,7 +111,8 @@ class MlflowParams(_Strict):
 
 class PromotionParams(_Strict):
     min_accuracy: float = Field(ge=0, le=1)
-    min_delta: float = Field(ge=0, le=1)
+    alpha: float = Field(gt=0, lt=1)
+    max_regression: float = Field(ge=0, le=1)
 
 
 class ServeParams(_Strict):

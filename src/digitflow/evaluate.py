@@ -84,6 +84,7 @@ def evaluate(paths: Paths, params: Params) -> dict[str, float]:
     out.mkdir(parents=True, exist_ok=True)
     files = _write_outputs(out, test, scores, report, matrix, metrics, params.train.seed)
     client = mlflow.MlflowClient()
+    tracking.log_datasets(run_id, paths, {"test": (test.x, test.y)})
     for key, value in metrics.items():
         client.log_metric(run_id, key, float(value))
     for file in files:

@@ -6,13 +6,14 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from . import tracking
-from .config import Params, Paths, PromotionParams
+from .config import Params, Paths
 from .contract import StageResult
 from .errors import DigitflowError
+from .promotion import MNIST_TEST, SlicePredictions, Verdict, judge
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -35,42 +36,27 @@ class Decision:
     champion_version: str | None
     champion_accuracy: float | None
     champion_after: str | None
+    rule: str = ""
+    statistics: dict = field(default_factory=dict)
 
     def tags(self) -> dict[str, str]:
-        return {
+        tags = {
             "promotion.decision": "promoted" if self.promoted else "rejected",
+            "promotion.rule": self.rule,
             "promotion.reason": self.reason,
             "promotion.challenger_accuracy": f"{self.challenger_accuracy:.6f}",
             "promotion.champion_accuracy": _fmt(self.champion_accuracy),
             "promotion.champion_version": self.champion_version or "none",
         }
+        for name, paired in self.statistics.get("slices", {}).items():
+            tags[f"promotion.{name}.p_value"] = f"{paired['p_value']:.6g}"
+            tags[f"promotion.{name}.challenger_only"] = str(paired["challenger_only"])
+            tags[f"promotion.{name}.champion_only"] = str(paired["champion_only"])
+        return tags
 
 
 def _fmt(value: float | None) -> str:
     return "none" if value is None else f"{value:.6f}"
-
-
-def decide(
-    challenger_accuracy: float, champion_accuracy: float | None, policy: PromotionParams
-) -> tuple[bool, str]:
-    """The promotion policy: clear the gate, then beat the champion by at least min_delta."""
-    if challenger_accuracy < policy.min_accuracy:
-        return False, (
-            f"test accuracy {challenger_accuracy:.4f} is below the gate "
-            f"promotion.min_accuracy={policy.min_accuracy:.4f}"
-        )
-    if champion_accuracy is None:
-        return True, f"first version to clear the gate ({challenger_accuracy:.4f})"
-    gain = challenger_accuracy - champion_accuracy
-    if gain + 1e-12 >= policy.min_delta:
-        return True, (
-            f"beats the champion by {gain:+.4f} ({challenger_accuracy:.4f} vs "
-            f"{champion_accuracy:.4f}; min_delta {policy.min_delta:.4f})"
-        )
-    return False, (
-        f"does not beat the champion by min_delta {policy.min_delta:.4f} "
-        f"({challenger_accuracy:.4f} vs {champion_accuracy:.4f}, {gain:+.4f})"
-    )
 
 
 def _client() -> Any:
@@ -129,51 +115,61 @@ def test_set_fingerprint(paths: Paths) -> str:
     return digest.hexdigest()
 
 
-def score_version(paths: Paths, name: str, version: str) -> float:
-    """Test accuracy of a registered version on the current processed test set."""
-    from .evaluate import score
-    from .inference import keras_model_of
-    from .preprocess import load_split
-
-    model = keras_model_of(f"models:/{name}/{version}")
-    return score(model, load_split(paths, "test")).accuracy
-
-
-def champion_score(paths: Paths, name: str, version: str, fingerprint: str) -> float:
-    """A version's test accuracy on the current test set: the score recorded on the version
-    when it was measured on this very test set, else a fresh score (new data, new slice)."""
-    tags = _client().get_model_version(name, version).tags
-    if tags.get(TEST_SET_TAG) == fingerprint and "test_accuracy" in tags:
-        return float(tags["test_accuracy"])
-    return score_version(paths, name, version)
-
-
 def consider(
     name: str,
     version: str,
     challenger_accuracy: float,
-    champion_accuracy_of: Callable[[str], float],
-    policy: PromotionParams,
+    verdict_of: Callable[[str | None], Verdict],
 ) -> Decision:
-    """Make `version` the challenger and promote it if the policy says so."""
+    """Make `version` the challenger and promote it if the verdict against the champion (None:
+    there is none) says so."""
     _client().set_registered_model_alias(name, CHALLENGER, version)
     champion = alias_version(name, CHAMPION)
-    champion_accuracy = champion_accuracy_of(champion) if champion else None
     if champion == version:
-        promoted, reason = False, f"version {version} is already the champion"
+        verdict = Verdict(False, "already champion", f"version {version} is already the champion")
     else:
-        promoted, reason = decide(challenger_accuracy, champion_accuracy, policy)
-    if promoted:
+        verdict = verdict_of(champion)
+    if verdict.promoted:
         _set_champion(name, version, _pushed(champion_history(name), version))
-        _audit(name, "auto-promote", version=version, reason=reason)
+        _audit(name, "auto-promote", version=version, reason=verdict.reason)
+    test = verdict.slices.get(MNIST_TEST, {})
     return Decision(
-        promoted=promoted,
-        reason=reason,
+        promoted=verdict.promoted,
+        reason=verdict.reason,
         challenger_version=version,
-        challenger_accuracy=challenger_accuracy,
+        challenger_accuracy=test.get("challenger_accuracy", challenger_accuracy),
         champion_version=champion,
-        champion_accuracy=champion_accuracy,
-        champion_after=version if promoted else champion,
+        champion_accuracy=test.get("champion_accuracy"),
+        champion_after=version if verdict.promoted else champion,
+        rule=verdict.rule,
+        statistics={"slices": verdict.slices, "class_recall_deltas": verdict.class_recall_deltas},
+    )
+
+
+def predicted_digits(model, x) -> Any:
+    """A Keras model's digit for each image."""
+    from .inference import probabilities_of
+
+    return probabilities_of(model, x, chunk=1024).argmax(axis=1)
+
+
+def paired_verdict(
+    paths: Paths, params: Params, challenger_uri: str, name: str, champion: str | None
+) -> Verdict:
+    """Challenger and champion predict the same evaluation images; the promotion rules judge."""
+    from .inference import keras_model_of
+    from .preprocess import load_split
+
+    test = load_split(paths, "test")
+    challenger = predicted_digits(keras_model_of(challenger_uri), test.x)
+    if champion is None:
+        slices = {MNIST_TEST: SlicePredictions(test.y, challenger, challenger)}
+    else:
+        champion_digits = predicted_digits(keras_model_of(f"models:/{name}/{champion}"), test.x)
+        slices = {MNIST_TEST: SlicePredictions(test.y, champion_digits, challenger)}
+    policy = params.promotion
+    return judge(
+        slices, policy.min_accuracy, policy.max_regression, policy.alpha, champion is not None
     )
 
 
@@ -210,8 +206,7 @@ def register_run(
         name,
         version,
         test_accuracy,
-        lambda champion: champion_score(paths, name, champion, fingerprint),
-        params.promotion,
+        lambda champion: paired_verdict(paths, params, model_uri, name, champion),
     )
     for key, value in decision.tags().items():
         client.set_tag(run_id, key, value)

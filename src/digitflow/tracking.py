@@ -17,6 +17,10 @@ from .errors import DigitflowError
 from .versioning import data_hash
 
 TAG_COMMIT = "git_commit"
+# The MLflow UI opens a model-training experiment on its runs, not on the GenAI views.
+TAG_EXPERIMENT_KIND, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+# What the pipeline itself rewrites in git: a run that changed only these is not "dirty".
+PIPELINE_OUTPUTS = ("dvc.lock", "data.dvc", "reports")
 TAG_DATA_HASH = "data_dvc_md5"
 TAG_ARCHITECTURE = "architecture"
 TAG_PID = "digitflow.pid"
@@ -76,11 +80,19 @@ def configure(paths: Paths, params: Params) -> str:
     with unavailable_as_error(uri):
         experiment = mlflow.get_experiment_by_name(params.mlflow.experiment)
         if experiment is not None:
+            if experiment.tags.get(TAG_EXPERIMENT_KIND) != TRAINING_KIND:
+                mlflow.MlflowClient().set_experiment_tag(
+                    experiment.experiment_id, TAG_EXPERIMENT_KIND, TRAINING_KIND
+                )
             return experiment.experiment_id
         location = None
         if uri.startswith("sqlite:///"):
             location = paths.mlflow_artifacts.as_uri()
-        return mlflow.create_experiment(params.mlflow.experiment, artifact_location=location)
+        return mlflow.create_experiment(
+            params.mlflow.experiment,
+            artifact_location=location,
+            tags={TAG_EXPERIMENT_KIND: TRAINING_KIND},
+        )
 
 
 @contextmanager
@@ -138,13 +150,16 @@ def close_orphaned_runs(experiment_id: str) -> list[str]:
 
 
 def git_commit(root: Path) -> str:
-    """HEAD's commit, with '-dirty' when tracked files changed; 'unknown' outside git."""
+    """HEAD's commit, with '-dirty' when tracked source files (code, params, dvc.yaml) differ
+    from it; what the pipeline rewrites itself (PIPELINE_OUTPUTS) does not count. 'unknown'
+    outside git."""
+    excluded = [f":(exclude){name}" for name in PIPELINE_OUTPUTS]
     try:
         head = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *excluded],
             cwd=root,
             capture_output=True,
             text=True,
@@ -181,6 +196,35 @@ def run_tags(paths: Paths, params: Params) -> dict[str, str]:
         TAG_DATA_HASH: data_hash(paths) or "untracked",
         TAG_ARCHITECTURE: params.model.architecture,
     }
+
+
+def dataset_input(features, targets, split: str, data_md5: str | None):
+    """An MLflow dataset input for one split, named and tagged with the DVC data version (the
+    run page's Datasets section shows it)."""
+    from mlflow.entities import DatasetInput, InputTag
+
+    import mlflow
+
+    version = (data_md5 or "untracked").removesuffix(".dir")
+    dataset = mlflow.data.from_numpy(features, targets=targets, name=f"mnist-{split}@{version[:8]}")
+    tags = [
+        InputTag(key="mlflow.data.context", value=DATA_CONTEXTS[split]),
+        InputTag(key="dvc_md5", value=data_md5 or "untracked"),
+        InputTag(key="split", value=split),
+    ]
+    return DatasetInput(dataset=dataset._to_mlflow_entity(), tags=tags)
+
+
+DATA_CONTEXTS = {"train": "training", "val": "validation", "test": "evaluation"}
+
+
+def log_datasets(run_id: str, paths: Paths, splits: dict[str, tuple]) -> None:
+    """Log each split's (features, targets) as a dataset input of the run."""
+    import mlflow
+
+    md5 = data_hash(paths)
+    inputs = [dataset_input(x, y, split, md5) for split, (x, y) in splits.items()]
+    mlflow.MlflowClient().log_inputs(run_id, datasets=inputs)
 
 
 def write_run_info(paths: Paths, info: dict[str, str]) -> None:

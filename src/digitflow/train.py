@@ -180,6 +180,7 @@ def train(paths: Paths, params: Params) -> TrainResult:
         mlflow.set_tags({**tracking.run_tags(paths, params), **tracking.process_tags()})
         mlflow.log_params(tracking.flat_params(params))
         mlflow.log_params({"data.n_train": len(fit.y), "data.n_val": len(val.y)})
+        tracking.log_datasets(run_id, paths, {"train": (fit.x, fit.y), "val": (val.x, val.y)})
         if paths.validation_report.is_file():
             mlflow.log_artifact(str(paths.validation_report), artifact_path="validation")
         print(f"MLflow run {run_id}: training {params.model.architecture} on {len(fit.y):,} images")
