@@ -19,7 +19,7 @@ set_environment_defaults()
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 
-from digitflow import feedback, inbox, locking, pipeline, stages  # noqa: E402
+from digitflow import card, feedback, inbox, locking, pipeline, stages  # noqa: E402
 from digitflow import ingest as ingestion  # noqa: E402
 
 
@@ -92,14 +92,36 @@ def run_stage(root: str, stage: str, force: bool = False) -> bool:
     return outcome is not None
 
 
+SUMMARY_ARTIFACT = "digitflow-run-summary"
+PER_CLASS_ARTIFACT = "digitflow-per-class-metrics"
+
+
+@task(name="publish")
+def publish_artifacts(root: str) -> None:
+    """The run's summary (data version, accuracies, the decision with its p-value, links to the
+    MLflow run and version) and per-class metrics, as artifacts in the Prefect UI."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    project = paths(Path(root))
+    summary, per_class = card.run_artifacts(project, load_params(project.params))
+    create_markdown_artifact(
+        markdown=summary, key=SUMMARY_ARTIFACT, description="What this run trained and decided"
+    )
+    create_table_artifact(
+        table=per_class, key=PER_CLASS_ARTIFACT, description="Per-class metrics of each slice"
+    )
+
+
 @flow(name="digitflow-pipeline", log_prints=True)
 def mnist_pipeline(
     root: str = ".", source: str | None = None, force: bool = False, wait: bool = True
 ) -> dict:
     """Ingest, validate, preprocess, train, evaluate and register; returns a summary.
 
-    Corrections users sent are exported to the inbox first, and new inbox batches admitted. When nothing changed since the last successful
-    run (data, params, code), nothing is trained, unless force=True. One run at a time per
+    Corrections users sent are exported to the inbox first, and new inbox batches admitted.
+    When nothing changed since the last successful run (data, params, code), nothing is
+    trained, unless force=True. A run that registered a version publishes its summary and
+    per-class metrics as Prefect artifacts. One run at a time per
     project: a second run waits for the first (or, with wait=False, is skipped with a message)."""
     root = str(Path(root).resolve())
     logger = get_run_logger()
@@ -118,6 +140,8 @@ def mnist_pipeline(
                 for stage in stages.NAMES:
                     if run_stage.with_options(task_run_name=stage)(root, stage, force):
                         ran.append(stage)
+                if "register" in ran:
+                    publish_artifacts(root)
             summary = pipeline.summarise(project, ran)
             summary = pipeline.finish(project, summary, batches, nothing_new, corrections).to_dict()
     except locking.PipelineBusy as busy:

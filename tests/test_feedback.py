@@ -223,7 +223,7 @@ def test_reconcile_settles_each_claim_from_where_its_batch_is(tmp_path: Path) ->
     engine = plog.open_log(f"sqlite:///{tmp_path / 'log.db'}")
     ids = {name: _claim(engine, name) for name in ("admitted", "quarantined", "waiting", "lost")}
     images = np.zeros((1, 28, 28), np.uint8)
-    store(Batch(Path(batch_file("admitted")), images, np.array([4])), project)
+    store(Batch(Path(batch_file("admitted")), images, np.array([4])), project, params)
     project.manifest.unlink()  # as if killed between storing the batch and the manifest
     (project.quarantine(params) / f"20260101T000000Z-{batch_file('quarantined')}").mkdir(
         parents=True

@@ -25,6 +25,7 @@ PREDICTION_DB_ENV = "DIGITFLOW_PREDICTION_DB"
 FEEDBACK_TOKEN_ENV = "DIGITFLOW_FEEDBACK_TOKEN"
 ROOT_ENV = "DIGITFLOW_ROOT"
 SPLITS = ("train", "test")
+RECENT = "recent"  # the holdout parts of admitted batches: new data, never trained on
 NUM_CLASSES = 10
 IMAGE_SIZE = 28
 
@@ -141,6 +142,8 @@ class InboxParams(_Strict):
     max_batch_images: int = Field(ge=1)
     max_batch_bytes: int = Field(ge=1)
     settle_s: float = Field(ge=0)
+    holdout_fraction: float = Field(ge=0, lt=1)
+    holdout_seed: int = Field(ge=0)
 
 
 class FeedbackParams(_Strict):
@@ -340,6 +343,10 @@ class Paths:
     @property
     def promotion_report(self) -> Path:
         return self.reports / "promotion.json"
+
+    @property
+    def model_card(self) -> Path:
+        return self.reports / "model_card.md"
 
     @property
     def last_run(self) -> Path:

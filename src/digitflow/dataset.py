@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import SPLITS, DataParams, Paths
+from .config import RECENT, SPLITS, DataParams, Paths
 from .idx import read_images, read_labels
 
 
@@ -42,26 +42,41 @@ def stored_batches(paths: Paths) -> list[Path]:
 
 
 def read_batch_file(path: Path) -> Split:
-    """One admitted batch: images (n, 28, 28) uint8 and labels (n,) uint8."""
+    """One admitted batch, all of it: images (n, 28, 28) uint8 and labels (n,) uint8."""
     with np.load(path, allow_pickle=False) as stored:
         return Split(stored["images"], stored["labels"])
 
 
+def read_batch_parts(path: Path) -> tuple[Split, Split]:
+    """One admitted batch as (training part, recent holdout part), by the holdout mask stored
+    with it at admission (a batch stored before holdouts existed is all training)."""
+    with np.load(path, allow_pickle=False) as stored:
+        images, labels = stored["images"], stored["labels"]
+        held = stored["holdout"] if "holdout" in stored.files else np.zeros(len(labels), bool)
+    return Split(images[~held], labels[~held]), Split(images[held], labels[held])
+
+
 def batch_rows(paths: Paths) -> int:
-    """How many training images the admitted batches add."""
-    return sum(len(read_batch_file(path).labels) for path in stored_batches(paths))
+    """How many training images the admitted batches add (their holdout parts excluded)."""
+    return sum(len(read_batch_parts(path)[0].labels) for path in stored_batches(paths))
+
+
+def _joined(parts: list[Split]) -> Split:
+    if not parts:
+        return Split(np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.uint8))
+    return Split(
+        np.concatenate([part.images for part in parts]),
+        np.concatenate([part.labels for part in parts]),
+    )
 
 
 def load_raw(paths: Paths, params: DataParams) -> dict[str, Split]:
-    """Both splits from data/ (MNIST, plus admitted batches appended to train), read-only."""
+    """The splits of data/, read-only: MNIST train plus the training part of every admitted
+    batch, MNIST test, and RECENT, the holdout parts of the admitted batches (maybe empty)."""
     raw = load_folder(paths.raw, params)
-    extra = [read_batch_file(path) for path in stored_batches(paths)]
-    if extra:
-        train = raw["train"]
-        raw["train"] = Split(
-            np.concatenate([train.images, *(batch.images for batch in extra)]),
-            np.concatenate([train.labels, *(batch.labels for batch in extra)]),
-        )
+    parts = [read_batch_parts(path) for path in stored_batches(paths)]
+    raw["train"] = _joined([raw["train"], *(training for training, _ in parts)])
+    raw[RECENT] = _joined([recent for _, recent in parts])
     return raw
 
 
@@ -99,12 +114,18 @@ def image_frame(split: str, data: Split, ink_grey_level: int) -> pd.DataFrame:
 
 
 def dataset_frame(raw: dict[str, Split], ink_grey_level: int) -> pd.DataFrame:
-    """Both splits in one frame, with `in_both_splits` marking images found in train and test."""
+    """Every split in one frame, with `in_both_splits` marking images found in more than one
+    split (train, test, recent: leakage between any two)."""
     frame = pd.concat(
-        [image_frame(split, data, ink_grey_level) for split, data in raw.items()], ignore_index=True
+        [
+            image_frame(split, data, ink_grey_level)
+            for split, data in raw.items()
+            if len(data.images) or len(data.labels)
+        ],
+        ignore_index=True,
     )
-    by_split = {split: set(frame.loc[frame.split == split, "pixel_hash"].dropna()) for split in raw}
-    shared = set.intersection(*by_split.values()) if by_split else set()
+    splits_per_hash = frame.dropna(subset=["pixel_hash"]).groupby("pixel_hash")["split"].nunique()
+    shared = set(splits_per_hash.index[splits_per_hash > 1])
     frame["in_both_splits"] = frame["pixel_hash"].isin(shared)
     return frame
 

@@ -1,4 +1,5 @@
-"""The evaluate stage: score the trained model on the test set and log the results to its run."""
+"""The evaluate stage: score the trained model on the test set and the recent holdout, log the
+results to its run."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ from pathlib import Path
 import keras
 import numpy as np
 import pandas as pd
-from sklearn.metrics import classification_report
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 
 from . import plots, tracking
-from .config import NUM_CLASSES, Params, Paths
+from .card import per_class_report
+from .config import NUM_CLASSES, RECENT, Params, Paths
 from .contract import StageResult
 from .preprocess import Arrays, load_split
+from .promotion import MNIST_TEST
 
 GRID_SIZE = 24
 GRID_MAX_WRONG = 8
@@ -52,39 +54,46 @@ def grid_indices(true: np.ndarray, predicted: np.ndarray, seed: int) -> np.ndarr
     return np.sort(np.concatenate([picked_wrong, picked_right]))
 
 
-def per_class_report(true: np.ndarray, predicted: np.ndarray) -> pd.DataFrame:
-    """Precision, recall, F1 and support for each digit."""
-    report = classification_report(
-        true, predicted, labels=list(range(NUM_CLASSES)), output_dict=True, zero_division=0
-    )
-    rows = [{"digit": d, **report[str(d)]} for d in range(NUM_CLASSES)]
-    return pd.DataFrame(rows).rename(columns={"f1-score": "f1"})
+def slice_metrics(prefix: str, labels: np.ndarray, scores: Scores) -> dict[str, float]:
+    """Accuracy, loss, macro F1 and error count of one slice, keys starting with prefix."""
+    predicted = scores.predicted
+    report = per_class_report(labels, predicted)
+    return {
+        f"{prefix}_accuracy": scores.accuracy,
+        f"{prefix}_loss": scores.loss,
+        f"{prefix}_macro_f1": float(report["f1"].mean()),
+        f"{prefix}_errors": int((predicted != labels).sum()),
+        f"n_{prefix}": len(labels),
+    }
 
 
 def evaluate(paths: Paths, params: Params) -> dict[str, float]:
-    """model.keras + test split -> metrics, per-class report, confusion matrix, prediction grid."""
+    """model.keras + the test split (and the recent holdout, when it holds images) -> metrics,
+    per-class report of each slice, confusion matrix, prediction grid."""
     import mlflow
 
     run_id = tracking.read_run_info(paths)["run_id"]
     tracking.configure(paths, params)
     test = load_split(paths, "test")
+    recent = load_split(paths, RECENT)
     model = keras.models.load_model(paths.model_file)
     scores = score(model, test)
     predicted = scores.predicted
-    report = per_class_report(test.y, predicted)
+    report = per_class_report(test.y, predicted).assign(slice=MNIST_TEST)
     matrix = sk_confusion_matrix(test.y, predicted, labels=list(range(NUM_CLASSES)))
-    metrics = {
-        "test_accuracy": scores.accuracy,
-        "test_loss": scores.loss,
-        "test_macro_f1": float(report["f1"].mean()),
-        "test_errors": int((predicted != test.y).sum()),
-        "n_test": len(test.y),
-    }
+    metrics = {**slice_metrics("test", test.y, scores), f"n_{RECENT}": len(recent.y)}
+    datasets = {"test": (test.x, test.y)}
+    if len(recent.y):
+        recent_scores = score(model, recent)
+        metrics.update(slice_metrics(RECENT, recent.y, recent_scores))
+        recent_report = per_class_report(recent.y, recent_scores.predicted)
+        report = pd.concat([report, recent_report.assign(slice=RECENT)], ignore_index=True)
+        datasets[RECENT] = (recent.x, recent.y)
     out = paths.eval_dir
     out.mkdir(parents=True, exist_ok=True)
     files = _write_outputs(out, test, scores, report, matrix, metrics, params.train.seed)
     client = mlflow.MlflowClient()
-    tracking.log_datasets(run_id, paths, {"test": (test.x, test.y)})
+    tracking.log_datasets(run_id, paths, datasets)
     for key, value in metrics.items():
         client.log_metric(run_id, key, float(value))
     for file in files:
@@ -103,7 +112,8 @@ def _write_outputs(
 ) -> list[Path]:
     predicted = scores.predicted
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    report.to_csv(out / "per_class.csv", index=False, float_format="%.4f")
+    columns = ["slice", "digit", "precision", "recall", "f1", "support"]
+    report[columns].to_csv(out / "per_class.csv", index=False, float_format="%.4f")
     pd.DataFrame({"actual": test.y, "predicted": predicted}).to_csv(
         out / "predictions.csv", index=False
     )
@@ -123,7 +133,12 @@ def _write_outputs(
 def run_stage(paths: Paths, params: Params) -> StageResult:
     """The evaluate stage."""
     metrics = evaluate(paths, params)
+    recent = (
+        f"; recent holdout {metrics[f'{RECENT}_accuracy']:.4f} on {metrics[f'n_{RECENT}']:,}"
+        if metrics[f"n_{RECENT}"]
+        else ""
+    )
     return StageResult(
         f"test accuracy {metrics['test_accuracy']:.4f}, loss {metrics['test_loss']:.4f}, "
-        f"{metrics['test_errors']} errors of {metrics['n_test']:,} -> {paths.eval_dir}"
+        f"{metrics['test_errors']} errors of {metrics['n_test']:,}{recent} -> {paths.eval_dir}"
     )

@@ -9,7 +9,8 @@ A batch is one entry in the inbox folder:
 Every image goes through prediction's preprocessing, so training sees what serving sees. The batch
 is validated with Great Expectations (labels 0..9, ink, no duplicates within the batch, none
 already in the training or test data) plus per-file checks. A good batch lands in data/batches/
-as one .npz (written then renamed) and the manifest is rebuilt from those files; a bad batch moves
+as one .npz (written then renamed) with its holdout mask: a seeded, stratified share of it is
+the `recent` holdout, never trained on. The manifest is rebuilt from those files; a bad batch moves
 to the quarantine folder with its report, and nothing else changes.
 """
 
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sklearn.model_selection import train_test_split
 
 from .config import Params, Paths
 from .dataset import Split, image_frame, load_raw, pixel_hashes, stored_batches
@@ -33,7 +35,15 @@ from .imaging import IMAGE_SUFFIXES, ImageError, ink_settings, prepare, prepare_
 from .validation import LABELS, Outcome, run_suites
 from .versioning import Recorded, record_with_dvc
 
-MANIFEST_COLUMNS = ["batch_id", "source", "count", "sha256", "added_at", "class_counts"]
+MANIFEST_COLUMNS = [
+    "batch_id",
+    "source",
+    "count",
+    "holdout_count",
+    "sha256",
+    "added_at",
+    "class_counts",
+]
 
 
 @dataclass
@@ -317,14 +327,44 @@ def write_manifest(paths: Paths) -> pd.DataFrame:
     return manifest
 
 
-def store(batch: Batch, paths: Paths) -> str:
-    """Write the batch into data/batches (temporary file, then rename) and rebuild the manifest."""
+def holdout_mask(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Which images of a batch form its `recent` holdout: floor(fraction * n) of them, drawn
+    with `seed`, stratified by label when every class present has two images and both parts
+    can hold one of each (otherwise a plain seeded draw). The same inputs give the same mask."""
+    count = int(np.floor(len(labels) * fraction))
+    mask = np.zeros(len(labels), dtype=bool)
+    if count == 0:
+        return mask
+    everything = np.arange(len(labels))
+    classes, per_class = np.unique(labels, return_counts=True)
+    stratify = (
+        labels if per_class.min() >= 2 and min(count, len(labels) - count) >= len(classes) else None
+    )
+    _, held = train_test_split(everything, test_size=count, stratify=stratify, random_state=seed)
+    mask[held] = True
+    return mask
+
+
+def batch_seed(sha256: str, seed: int) -> int:
+    """The holdout draw's seed for one batch: the configured seed mixed with the batch's content,
+    so batches get different draws and a batch always gets the same one."""
+    return (seed + int(sha256[:8], 16)) % 2**32
+
+
+def store(batch: Batch, paths: Paths, params: Params) -> str:
+    """Write the batch, with its holdout mask, into data/batches (temporary file, then rename)
+    and rebuild the manifest."""
     sha256 = batch.sha256
     batch_id = f"{_stamp()}-{sha256[:12]}"
+    settings = params.inbox
+    holdout = holdout_mask(
+        batch.labels, settings.holdout_fraction, batch_seed(sha256, settings.holdout_seed)
+    )
     record = {
         "batch_id": batch_id,
         "source": batch.source.name,
         "count": len(batch.labels),
+        "holdout_count": int(holdout.sum()),
         "sha256": sha256,
         "added_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "class_counts": json.dumps(_class_counts(batch.labels)),
@@ -336,6 +376,7 @@ def store(batch: Batch, paths: Paths) -> str:
             handle,
             images=batch.images.astype(np.uint8),
             labels=batch.labels.astype(np.uint8),
+            holdout=holdout,
             record=np.array(json.dumps(record)),
         )
     temporary.replace(paths.batches / f"{batch_id}.npz")
@@ -376,11 +417,11 @@ def admit(path: Path, paths: Paths, params: Params, known: set[str]) -> Admissio
             reason="; ".join(problems[:5]),
             report=str(where / "report.json"),
         )
-    batch_id = store(batch, paths)
+    batch_id = store(batch, paths, params)
     known.update(pixel_hashes(batch.images))
     _take_out(path, inbox, None)
     return Admission(
-        path.name, True, len(batch.labels), batch_id, batch.sha256, "appended to train"
+        path.name, True, len(batch.labels), batch_id, batch.sha256, "appended to the data"
     )
 
 

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from .config import Params, Paths
+from .config import RECENT, Params, Paths
 from .contract import StageResult
 from .dataset import load_raw
 
-PROCESSED_SPLITS = ("train", "val", "test")
+PROCESSED_SPLITS = ("train", "val", "test", RECENT)
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,8 @@ def split_file(paths: Paths, split: str):
 
 
 def preprocess(paths: Paths, params: Params) -> dict[str, int]:
-    """data/ -> artifacts/processed/{train,val,test}.npz; returns the size of each split."""
+    """data/ -> artifacts/processed/{train,val,test,recent}.npz; returns the size of each split.
+    `recent` is the holdout parts of the admitted batches, as stored (maybe empty)."""
     raw = load_raw(paths, params.data)
     seed = params.preprocess.seed
     train_idx = stratified_subset(raw["train"].labels, params.data.max_train_samples, seed)
@@ -58,6 +59,7 @@ def preprocess(paths: Paths, params: Params) -> dict[str, int]:
         "train": (raw["train"], np.sort(fit_idx)),
         "val": (raw["train"], np.sort(val_idx)),
         "test": (raw["test"], test_idx),
+        RECENT: (raw[RECENT], np.arange(len(raw[RECENT].labels))),  # all of it, never trained on
     }
     paths.processed.mkdir(parents=True, exist_ok=True)
     sizes = {}

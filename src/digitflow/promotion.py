@@ -18,9 +18,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from scipy.stats import binomtest
 
-from .config import NUM_CLASSES
+from .config import NUM_CLASSES, RECENT
 
-POOLED, MNIST_TEST, RECENT = "pooled", "mnist_test", "recent"
+__all__ = ["MNIST_TEST", "POOLED", "RECENT", "SlicePredictions", "Verdict", "judge", "paired"]
+
+POOLED, MNIST_TEST = "pooled", "mnist_test"  # and RECENT, the holdout of admitted batches
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class Paired:
     challenger_only: int  # images only the challenger gets right
     champion_only: int  # images only the champion gets right
     p_value: float
+    accuracy_delta: float  # challenger minus champion
 
 
 def paired(predictions: SlicePredictions) -> Paired:
@@ -64,6 +67,7 @@ def paired(predictions: SlicePredictions) -> Paired:
         challenger_only=wins,
         champion_only=losses,
         p_value=float(p_value),
+        accuracy_delta=float(challenger_right.mean() - champion_right.mean()) if n else 0.0,
     )
 
 

@@ -9,11 +9,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+
 from . import tracking
 from .config import Params, Paths
 from .contract import StageResult
 from .errors import DigitflowError
-from .promotion import MNIST_TEST, SlicePredictions, Verdict, judge
+from .promotion import MNIST_TEST, RECENT, SlicePredictions, Verdict, judge
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -150,26 +152,42 @@ def predicted_digits(model, x) -> Any:
     """A Keras model's digit for each image."""
     from .inference import probabilities_of
 
+    if not len(x):
+        return np.zeros(0, dtype=np.int64)
     return probabilities_of(model, x, chunk=1024).argmax(axis=1)
 
 
-def paired_verdict(
-    paths: Paths, params: Params, challenger_uri: str, name: str, champion: str | None
-) -> Verdict:
-    """Challenger and champion predict the same evaluation images; the promotion rules judge."""
-    from .inference import keras_model_of
+def evaluation_slices(paths: Paths) -> dict[str, Any]:
+    """The images every version is judged on: the MNIST test split and the recent holdout."""
     from .preprocess import load_split
 
-    test = load_split(paths, "test")
-    challenger = predicted_digits(keras_model_of(challenger_uri), test.x)
-    if champion is None:
-        slices = {MNIST_TEST: SlicePredictions(test.y, challenger, challenger)}
-    else:
-        champion_digits = predicted_digits(keras_model_of(f"models:/{name}/{champion}"), test.x)
-        slices = {MNIST_TEST: SlicePredictions(test.y, champion_digits, challenger)}
+    return {MNIST_TEST: load_split(paths, "test"), RECENT: load_split(paths, RECENT)}
+
+
+def predictions_of(model_uri: str, evaluation: dict[str, Any]) -> dict[str, np.ndarray]:
+    """A logged model's digit for each image of each slice."""
+    from .inference import keras_model_of
+
+    model = keras_model_of(model_uri)
+    return {name: predicted_digits(model, arrays.x) for name, arrays in evaluation.items()}
+
+
+def paired_verdict(
+    params: Params,
+    evaluation: dict[str, Any],
+    challenger: dict[str, np.ndarray],
+    champion_uri: str | None,
+) -> Verdict:
+    """Champion and challenger predict the same evaluation images; the promotion rules judge
+    (with no champion, the challenger stands in for it and only the gate applies)."""
+    champion = challenger if champion_uri is None else predictions_of(champion_uri, evaluation)
+    slices = {
+        name: SlicePredictions(arrays.y, champion[name], challenger[name])
+        for name, arrays in evaluation.items()
+    }
     policy = params.promotion
     return judge(
-        slices, policy.min_accuracy, policy.max_regression, policy.alpha, champion is not None
+        slices, policy.min_accuracy, policy.max_regression, policy.alpha, champion_uri is not None
     )
 
 
@@ -191,8 +209,11 @@ def run_stage(paths: Paths, params: Params) -> StageResult:
 def register_run(
     paths: Paths, params: Params, run_id: str, model_uri: str, test_accuracy: float
 ) -> Decision:
-    """Register a run's model as challenger and apply the promotion policy (MLflow configured)."""
+    """Register a run's model as challenger, apply the promotion policy, and publish the
+    version's model card (MLflow configured)."""
     import mlflow
+
+    from . import card
 
     name = params.mlflow.registered_model
     client = _client()
@@ -202,16 +223,25 @@ def register_run(
     if version is None:
         tags = {**_version_tags(run, test_accuracy), TEST_SET_TAG: fingerprint}
         version = str(mlflow.register_model(model_uri, name, tags=tags).version)
+    evaluation = evaluation_slices(paths)
+    challenger = predictions_of(model_uri, evaluation)
     decision = consider(
         name,
         version,
         test_accuracy,
-        lambda champion: paired_verdict(paths, params, model_uri, name, champion),
+        lambda champion: paired_verdict(
+            params, evaluation, challenger, champion and f"models:/{name}/{champion}"
+        ),
     )
     for key, value in decision.tags().items():
         client.set_tag(run_id, key, value)
         client.set_model_version_tag(name, version, key, value)
-    _write_report(paths, decision, name, run_id)
+    report = _write_report(paths, decision, name, run_id)
+    scored = {
+        slice_name: card.Scored(arrays.y, challenger[slice_name])
+        for slice_name, arrays in evaluation.items()
+    }
+    card.publish(paths, card.collect(name, version, client.get_run(run_id), scored, report, paths))
     return decision
 
 
@@ -235,10 +265,12 @@ def _version_tags(run: Any, test_accuracy: float) -> dict[str, str]:
     }
 
 
-def _write_report(paths: Paths, decision: Decision, name: str, run_id: str) -> None:
+def _write_report(paths: Paths, decision: Decision, name: str, run_id: str) -> dict:
+    """reports/promotion.json: the decision with every number it looked at."""
     report = {"registered_model": name, "run_id": run_id, **asdict(decision)}
     paths.promotion_report.parent.mkdir(parents=True, exist_ok=True)
     paths.promotion_report.write_text(json.dumps(report, indent=2) + "\n")
+    return report
 
 
 def list_versions(name: str) -> list[dict[str, Any]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import socket
 import subprocess
@@ -23,6 +24,7 @@ TAG_EXPERIMENT_KIND, TRAINING_KIND = "mlflow.experimentKind", "custom_model_deve
 PIPELINE_OUTPUTS = ("dvc.lock", "data.dvc", "reports")
 TAG_DATA_HASH = "data_dvc_md5"
 TAG_ARCHITECTURE = "architecture"
+TAG_MACHINE = "machine"
 TAG_PID = "digitflow.pid"
 TAG_HOST = "digitflow.host"
 
@@ -195,7 +197,20 @@ def run_tags(paths: Paths, params: Params) -> dict[str, str]:
         TAG_COMMIT: git_commit(paths.root),
         TAG_DATA_HASH: data_hash(paths) or "untracked",
         TAG_ARCHITECTURE: params.model.architecture,
+        TAG_MACHINE: machine(),
     }
+
+
+def machine() -> str:
+    """The CPU model and core count this process runs on (for the model card)."""
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model}, {os.cpu_count()} CPU cores, {platform.system()}"
 
 
 def dataset_input(features, targets, split: str, data_md5: str | None):

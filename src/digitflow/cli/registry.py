@@ -1,4 +1,5 @@
-"""Registry commands: list the versions, promote one by hand, roll the champion back."""
+"""Registry commands: list the versions, promote one by hand, roll the champion back, print a
+version's model card."""
 
 from __future__ import annotations
 
@@ -79,3 +80,19 @@ def rollback(
     with reported():
         before, after = roll_back(params.mlflow.registered_model, reason)
     console.print(f"champion: {before} -> {after} (rollback: {escape(reason)})")
+
+
+@app.command(rich_help_panel=PANEL)
+def card(
+    version: Annotated[
+        str | None, typer.Argument(help="Model version (default: the champion).")
+    ] = None,
+    root: RootOption = None,
+) -> None:
+    """Print a version's model card (Markdown): the description it carries in the registry."""
+    from ..card import registered_card
+
+    _, params = configured(root)
+    with reported():
+        _, text = registered_card(params.mlflow.registered_model, version)
+    print(text, end="")
