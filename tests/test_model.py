@@ -86,7 +86,7 @@ def test_preprocess_never_takes_validation_from_test(tmp_path, ingested: Paths, 
     subset = params.data.model_copy(update={"max_train_samples": 1000, "max_test_samples": 200})
     split = params.preprocess.model_copy(update={"val_fraction": 0.2})
     sizes = preprocess(project, params.model_copy(update={"data": subset, "preprocess": split}))
-    assert sizes == {"train": 800, "val": 200, "test": 200}
+    assert sizes == {"train": 800, "val": 200, "test": 200, "recent": 0}
     splits = {name: load_split(project, name) for name in ("train", "val", "test")}
     assert splits["train"].x.shape == (800, 28, 28, 1) and splits["train"].x.dtype == np.float32
     assert splits["train"].x.min() >= 0.0 and splits["train"].x.max() <= 1.0

@@ -26,10 +26,14 @@ from digitflow.versioning import data_hash
 pytestmark = pytest.mark.slow
 
 
+ARTIFACTS: dict[str, object] = {}  # the flow run's Prefect artifacts by key, read back once
+
+
 @pytest.fixture(scope="module")
 def pipeline_once(tmp_path_factory, ingested: Paths) -> tuple[Paths, dict, object]:
     """One real Prefect flow run of the whole pipeline on a slice, against a temporary server."""
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
     from prefect.testing.utilities import prefect_test_harness
 
     project = make_project(tmp_path_factory.mktemp("pipeline") / "project")
@@ -43,7 +47,14 @@ def pipeline_once(tmp_path_factory, ingested: Paths) -> tuple[Paths, dict, objec
 
         async def read_state():
             async with get_client() as client:
-                flow_run = await client.read_flow_run(state.state_details.flow_run_id)
+                flow_run_id = state.state_details.flow_run_id
+                flow_run = await client.read_flow_run(flow_run_id)
+                published = await client.read_artifacts(
+                    artifact_filter=ArtifactFilter(
+                        flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])
+                    )
+                )
+                ARTIFACTS.update({artifact.key: artifact for artifact in published})
                 return flow_run.state
 
         server_state = asyncio.run(read_state())
@@ -110,6 +121,24 @@ def test_mlflow_run_holds_params_metrics_tags_artifacts_and_model(flow_run) -> N
     } <= artifacts
     run_info = json.loads(project.run_info.read_text())
     assert mlflow.models.get_model_info(run_info["model_uri"]).signature is not None
+
+
+def test_flow_publishes_its_summary_and_per_class_metrics_to_prefect(flow_run) -> None:
+    import pandas as pd
+
+    project, summary, _ = flow_run
+    markdown = ARTIFACTS["digitflow-run-summary"]
+    assert markdown.type == "markdown"
+    text = markdown.data
+    assert f"{summary['test_accuracy']:.4f}" in text and summary["data_hash"] in text
+    assert "version 1 promoted to champion" in text and "rule `gate`" in text
+    assert f"/runs/{summary['run_id']}" in text and "/versions/1)" in text
+    table = ARTIFACTS["digitflow-per-class-metrics"]
+    assert table.type == "table"
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    expected = pd.read_csv(project.eval_dir / "per_class.csv")
+    assert [row["digit"] for row in rows] == expected["digit"].tolist()
+    assert [row["recall"] for row in rows] == pytest.approx(expected["recall"].tolist(), abs=1e-4)
 
 
 def test_registry_holds_version_one_as_champion(flow_run) -> None:

@@ -243,8 +243,10 @@ def test_inbox_batch_becomes_a_new_data_version_and_a_new_model(deployed, mnist_
     promotion = json.loads(deployed.promotion_report.read_text())
     assert promotion["run_id"] == runs[-1].info.run_id
     assert promotion["promoted"] is False and promotion["rule"] == "insufficient evidence"
+    assert promotion["statistics"]["slices"]["recent"]["n"] == 20 + 10  # a quarter of each batch
     validation = json.loads(deployed.validation_report.read_text())
-    assert validation["success"] and validation["stats"]["rows"]["train"] == 60_000 + 120
+    assert validation["success"] and validation["stats"]["rows"]["train"] == 60_000 + 90
+    assert validation["stats"]["rows"]["recent"] == 30
 
 
 def test_bad_batch_is_quarantined_and_nothing_else_changes(deployed, mnist_source) -> None:

@@ -106,7 +106,7 @@ def _record_every_stage(project: Paths) -> None:
                     target.write_text("{}" if target.suffix == ".json" else "stand-in")
                 else:
                     target.mkdir(parents=True, exist_ok=True)
-                    for name in ("train.npz", "val.npz", "test.npz", "run.json"):
+                    for name in ("train.npz", "val.npz", "test.npz", "recent.npz", "run.json"):
                         (target / name).write_text("{}")
         repo.commit(None, force=True)
 

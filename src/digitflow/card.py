@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .config import NUM_CLASSES, RECENT, Params, Paths
+from .metrics import confusion, per_class_report
 from .promotion import MNIST_TEST
 
 CARD_ARTIFACT = "model_card.md"
@@ -61,24 +62,6 @@ class CardFacts:
             ],
             ignore_index=True,
         )
-
-
-def per_class_report(true: np.ndarray, predicted: np.ndarray) -> pd.DataFrame:
-    """Precision, recall, F1 and support for each digit."""
-    from sklearn.metrics import classification_report
-
-    report = classification_report(
-        true, predicted, labels=list(range(NUM_CLASSES)), output_dict=True, zero_division=0
-    )
-    rows = [{"digit": d, **report[str(d)]} for d in range(NUM_CLASSES)]
-    return pd.DataFrame(rows).rename(columns={"f1-score": "f1"})
-
-
-def confusion(scored: Scored) -> np.ndarray:
-    """The 10x10 confusion matrix (rows: true digit, columns: predicted)."""
-    matrix = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
-    np.add.at(matrix, (scored.labels.astype(int), scored.predicted.astype(int)), 1)
-    return matrix
 
 
 def collect(
@@ -171,7 +154,8 @@ def _scores_section(facts: CardFacts) -> str:
         ]
         for row in facts.per_class.itertuples()
     ]
-    matrix = confusion(facts.slices[MNIST_TEST])
+    test = facts.slices[MNIST_TEST]
+    matrix = confusion(test.labels, test.predicted)
     rows = [[digit, *matrix[digit].tolist()] for digit in range(NUM_CLASSES)]
     return "\n".join(
         [

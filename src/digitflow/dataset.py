@@ -82,7 +82,7 @@ def load_raw(paths: Paths, params: DataParams) -> dict[str, Split]:
 
 def pixel_hashes(images: np.ndarray) -> list[str]:
     """A short content hash per image, for duplicate and leakage checks."""
-    flat = np.ascontiguousarray(images.reshape(len(images), -1))
+    flat = np.ascontiguousarray(images.reshape(len(images), -1)) if len(images) else []
     return [hashlib.blake2b(row.tobytes(), digest_size=12).hexdigest() for row in flat]
 
 
@@ -90,7 +90,7 @@ def image_frame(split: str, data: Split, ink_grey_level: int) -> pd.DataFrame:
     """One row per image (or per label, when counts differ) with pixel statistics."""
     n_images, n_labels = len(data.images), len(data.labels)
     rows = max(n_images, n_labels)
-    flat = data.images.reshape(n_images, -1)
+    flat = data.images.reshape(n_images, -1) if n_images else np.zeros((0, 784), np.uint8)
     frame = pd.DataFrame({"split": split, "index": np.arange(rows)})
     frame["label"] = pd.array(
         np.concatenate([data.labels.astype("int64"), np.full(rows - n_labels, -1)]), dtype="Int64"

@@ -13,9 +13,9 @@ import pandas as pd
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 
 from . import plots, tracking
-from .card import per_class_report
 from .config import NUM_CLASSES, RECENT, Params, Paths
 from .contract import StageResult
+from .metrics import per_class_report
 from .preprocess import Arrays, load_split
 from .promotion import MNIST_TEST
 
