@@ -240,6 +240,9 @@ def test_inbox_batch_becomes_a_new_data_version_and_a_new_model(deployed, mnist_
     runs = _mlflow_runs(deployed)
     assert len(runs) == runs_before + 1
     assert runs[-1].data.tags[tracking.TAG_DATA_HASH] == new_hash
+    logged = [{t.key: t.value for t in item.tags} for item in runs[-1].inputs.dataset_inputs]
+    assert sorted(tags["split"] for tags in logged) == ["recent", "test", "train", "val"]
+    assert {tags["dvc_md5"] for tags in logged} == {new_hash}
     promotion = json.loads(deployed.promotion_report.read_text())
     assert promotion["run_id"] == runs[-1].info.run_id
     assert promotion["promoted"] is False and promotion["rule"] == "insufficient evidence"

@@ -230,7 +230,12 @@ def dataset_input(features, targets, split: str, data_md5: str | None):
     return DatasetInput(dataset=dataset._to_mlflow_entity(), tags=tags)
 
 
-DATA_CONTEXTS = {"train": "training", "val": "validation", "test": "evaluation"}
+DATA_CONTEXTS = {
+    "train": "training",
+    "val": "validation",
+    "test": "evaluation",
+    "recent": "evaluation",
+}
 
 
 def log_datasets(run_id: str, paths: Paths, splits: dict[str, tuple]) -> None:
