@@ -1,7 +1,7 @@
 """The model card of a registered version, and the run summary the Prefect flow publishes.
 
-The card is Markdown, written once at registration from the run and the stage outputs beside
-it: what the model is, the data it saw, its scores per slice and per class, the promotion
+The card is Markdown, written once at registration from the version's MLflow run, its
+predictions on the evaluation slices and the promotion decision: what the model is, the data it saw, its scores per slice and per class, the promotion
 decision with its statistics, and where not to trust it. It becomes the version's description
 in the MLflow registry (the version page shows it), a run artifact, and reports/model_card.md.
 """
