@@ -247,9 +247,10 @@ def _limitations_section(facts: CardFacts) -> str:
     recent = facts.slices.get(RECENT)
     if recent is not None and len(recent.labels):
         unlike = (
-            f"On the recent holdout, {len(recent.labels):,} digits users sent (photographed, "
-            f"drawn or thick-stroked: unlike MNIST), accuracy is {_pct(recent.accuracy)} against "
-            f"{_pct(facts.slices[MNIST_TEST].accuracy)} on MNIST test."
+            f"On the recent holdout ({len(recent.labels):,} digits of the admitted batches: "
+            f"what users sent, photographed or drawn, unlike MNIST), accuracy is "
+            f"{_pct(recent.accuracy)} against {_pct(facts.slices[MNIST_TEST].accuracy)} on "
+            "MNIST test."
         )
     else:
         unlike = (
