@@ -100,6 +100,7 @@ class TrainParams(_Strict):
     early_stopping_patience: int = Field(ge=1)
     seed: int
     deterministic: bool
+    batchnorm_batches: int = Field(ge=0)
 
 
 class MlflowParams(_Strict):

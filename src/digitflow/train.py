@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from . import inference, inputs, plots, tracking
+from .batchnorm import recalibrate
 from .config import Params, Paths, TrainParams
 from .contract import StageResult
 from .errors import DigitflowError
@@ -162,6 +163,7 @@ def fit_model(params: Params, fit: Arrays, val: Arrays, run_id: str, verbose: in
             f"the loss became NaN in epoch {len(frame)}; training stopped and nothing was "
             "saved or registered (try a lower train.learning_rate)"
         )
+    recalibrate(model, fit.x, settings.batch_size, settings.batchnorm_batches)
     return Fitted(model, frame, time.perf_counter() - started, strategy.num_replicas_in_sync)
 
 
