@@ -10,12 +10,11 @@ from pathlib import Path
 import keras
 import numpy as np
 import pandas as pd
-from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 
 from . import plots, tracking
-from .config import NUM_CLASSES, RECENT, Params, Paths
+from .config import RECENT, Params, Paths
 from .contract import StageResult
-from .metrics import per_class_report
+from .metrics import confusion, per_class_report
 from .preprocess import Arrays, load_split
 from .promotion import MNIST_TEST
 
@@ -80,7 +79,7 @@ def evaluate(paths: Paths, params: Params) -> dict[str, float]:
     scores = score(model, test)
     predicted = scores.predicted
     report = per_class_report(test.y, predicted).assign(slice=MNIST_TEST)
-    matrix = sk_confusion_matrix(test.y, predicted, labels=list(range(NUM_CLASSES)))
+    matrix = confusion(test.y, predicted)
     metrics = {**slice_metrics("test", test.y, scores), f"n_{RECENT}": len(recent.y)}
     datasets = {"test": (test.x, test.y)}
     if len(recent.y):
