@@ -92,6 +92,19 @@ def run_stage(root: str, stage: str, force: bool = False) -> bool:
     return outcome is not None
 
 
+def started_by() -> str:
+    """Why a run without an explicit trigger started: its deployment's cron schedule, a run
+    created through the deployment (UI, API, `prefect deployment run`), or by hand."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import deployment, flow_run
+
+    if not deployment.id:
+        return "by hand"
+    with get_client(sync_client=True) as client:
+        scheduled = client.read_flow_run(flow_run.id).auto_scheduled
+    return f"schedule ({deployment.name})" if scheduled else f"deployment run ({deployment.name})"
+
+
 SUMMARY_ARTIFACT = "digitflow-run-summary"
 PER_CLASS_ARTIFACT = "digitflow-per-class-metrics"
 
@@ -114,9 +127,16 @@ def publish_artifacts(root: str) -> None:
 
 @flow(name="digitflow-pipeline", log_prints=True)
 def mnist_pipeline(
-    root: str = ".", source: str | None = None, force: bool = False, wait: bool = True
+    root: str = ".",
+    source: str | None = None,
+    force: bool = False,
+    wait: bool = True,
+    trigger: str | None = None,
 ) -> dict:
     """Ingest, validate, preprocess, train, evaluate and register; returns a summary.
+
+    `trigger` says why the run started (an inbox event, the monitor's reasons); it is kept in
+    reports/last_run.json. A scheduled run without one records the schedule.
 
     Corrections users sent are exported to the inbox first, and new inbox batches admitted.
     When nothing changed since the last successful run (data, params, code), nothing is
@@ -125,6 +145,8 @@ def mnist_pipeline(
     project: a second run waits for the first (or, with wait=False, is skipped with a message)."""
     root = str(Path(root).resolve())
     logger = get_run_logger()
+    trigger = trigger or started_by()
+    logger.info("started by: %s", trigger)
     try:
         with locking.pipeline_lock(Path(root), wait_s=None if wait else 0):
             project = paths(Path(root))
@@ -143,7 +165,9 @@ def mnist_pipeline(
                 if "register" in ran:
                     publish_artifacts(root)
             summary = pipeline.summarise(project, ran)
-            summary = pipeline.finish(project, summary, batches, nothing_new, corrections).to_dict()
+            summary = pipeline.finish(
+                project, summary, batches, nothing_new, corrections, trigger
+            ).to_dict()
     except locking.PipelineBusy as busy:
         logger.warning("skipped: %s", busy)
         return pipeline.skipped(str(busy)).to_dict()
@@ -160,8 +184,9 @@ def _schedule(cron: str, timezone: str):
 DESCRIPTION = "Retrain when new data, params or code arrived; promote if better."
 
 
-def deployment(root: str, name: str, cron: str, timezone: str):
-    """The pipeline as a deployment: cron schedule, one run at a time (later ones queue)."""
+def deployment(root: str, name: str, cron: str, timezone: str, triggers: list | None = None):
+    """The pipeline as a deployment: cron schedule, event triggers, one run at a time (later
+    ones queue)."""
     return mnist_pipeline.to_deployment(
         name=name,
         schedule=_schedule(cron, timezone),
@@ -169,17 +194,13 @@ def deployment(root: str, name: str, cron: str, timezone: str):
         concurrency_limit=1,
         description=DESCRIPTION,
         tags=["digitflow"],
+        triggers=triggers,
     )
 
 
-def serve_deployment(root: str, name: str, cron: str, timezone: str) -> None:
-    """Register the deployment with the Prefect server and run its flow runs in this process."""
-    from prefect import serve
-
-    serve(deployment(root, name, cron, timezone), print_starting_message=True)
-
-
-def deploy_to_pool(root: str, name: str, cron: str, timezone: str, work_pool: str) -> str:
+def deploy_to_pool(
+    root: str, name: str, cron: str, timezone: str, work_pool: str, triggers: list | None = None
+) -> str:
     """Register the deployment on a work pool; its workers run the flow from this checkout."""
     checkout = str(Path(root).resolve())
     source = mnist_pipeline.from_source(
@@ -193,6 +214,7 @@ def deploy_to_pool(root: str, name: str, cron: str, timezone: str, work_pool: st
         concurrency_limit=1,
         description=DESCRIPTION,
         tags=["digitflow"],
+        triggers=triggers,
         print_next_steps=False,
     )
     return str(deployment_id)

@@ -21,3 +21,20 @@ def on_paper(digit: np.ndarray, rng: np.random.Generator, fmt: str = "PNG") -> b
     buffer = io.BytesIO()
     Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, format=fmt)
     return buffer.getvalue()
+
+
+CANVAS_SIDE = 280  # the drawing page's canvas (src/digitflow/static/index.html)
+
+
+def on_canvas(digit: np.ndarray) -> bytes:
+    """A 28x28 MNIST digit as the drawing page sends it: black ink on its white 280x280 canvas,
+    as a PNG."""
+    ink = Image.fromarray(digit).resize((CANVAS_SIDE, CANVAS_SIDE), Image.BILINEAR)
+    buffer = io.BytesIO()
+    Image.fromarray(255 - np.asarray(ink)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def rotated(digit: np.ndarray) -> np.ndarray:
+    """The digit turned 90 degrees counter-clockwise."""
+    return np.ascontiguousarray(np.rot90(digit))

@@ -172,6 +172,13 @@ class FeedbackParams(_Strict):
         return value
 
 
+def five_field_cron(value: str) -> str:
+    """A cron expression with its five fields, else a ValueError that shows the expected form."""
+    if len(value.split()) != 5:
+        raise ValueError(f"expected a 5-field cron expression such as '0 3 * * *', got {value!r}")
+    return value
+
+
 class ScheduleParams(_Strict):
     deployment: str = Field(min_length=1)
     cron: str = Field(min_length=1)
@@ -180,11 +187,33 @@ class ScheduleParams(_Strict):
     @field_validator("cron")
     @classmethod
     def _five_fields(cls, value: str) -> str:
-        if len(value.split()) != 5:
-            raise ValueError(
-                f"expected a 5-field cron expression such as '0 3 * * *', got {value!r}"
-            )
-        return value
+        return five_field_cron(value)
+
+
+class MonitorParams(_Strict):
+    window_size: int = Field(ge=2)
+    window_hours: float | None = Field(default=None, gt=0)
+    min_window: int = Field(ge=2)
+    max_rows: int = Field(ge=2)
+    reference_size: int = Field(ge=2)
+    seed: int
+    embedding_components: int = Field(ge=1)
+    embedding_threshold: float = Field(gt=0)
+    statistic_threshold: float = Field(gt=0)
+    class_mix_threshold: float = Field(gt=0)
+    confidence_threshold: float = Field(gt=0)
+    min_new_labels: int = Field(ge=1)
+    min_labelled: int = Field(ge=1)
+    min_live_accuracy: float = Field(ge=0, le=1)
+    experiment: str = Field(min_length=1)
+    deployment: str = Field(min_length=1)
+    cron: str = Field(min_length=1)
+    watch_interval_s: float = Field(gt=0)
+
+    @field_validator("cron")
+    @classmethod
+    def _five_fields(cls, value: str) -> str:
+        return five_field_cron(value)
 
 
 class SweepParams(_Strict):
@@ -221,6 +250,7 @@ class Params(_Strict):
     inbox: InboxParams
     feedback: FeedbackParams
     schedule: ScheduleParams
+    monitor: MonitorParams
     sweep: SweepParams
 
 
@@ -348,6 +378,19 @@ class Paths:
     @property
     def model_card(self) -> Path:
         return self.reports / "model_card.md"
+
+    @property
+    def monitoring(self) -> Path:
+        """What `digitflow monitor` writes: drift.json and drift.html."""
+        return self.reports / "monitoring"
+
+    @property
+    def drift_json(self) -> Path:
+        return self.monitoring / "drift.json"
+
+    @property
+    def drift_html(self) -> Path:
+        return self.monitoring / "drift.html"
 
     @property
     def last_run(self) -> Path:

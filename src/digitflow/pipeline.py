@@ -44,6 +44,7 @@ class Summary:
     up_to_date: bool = False
     batches: list[dict] = field(default_factory=list)
     corrections: dict = field(default_factory=dict)
+    trigger: str | None = None  # why this run started (schedule, inbox event, monitor, by hand)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,10 +67,17 @@ def finish(
     batches: list[dict],
     nothing_new: bool,
     corrections: dict | None = None,
+    trigger: str | None = None,
 ) -> Summary:
-    """Add the inbox and feedback outcome, and write reports/last_run.json (also when nothing
-    ran)."""
-    final = replace(summary, batches=batches, up_to_date=nothing_new, corrections=corrections or {})
+    """Add the inbox and feedback outcome and why the run started, and write
+    reports/last_run.json (also when nothing ran)."""
+    final = replace(
+        summary,
+        batches=batches,
+        up_to_date=nothing_new,
+        corrections=corrections or {},
+        trigger=trigger,
+    )
     record = {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **final.to_dict()}
     paths.reports.mkdir(parents=True, exist_ok=True)
     temporary = paths.last_run.with_suffix(".json.tmp")

@@ -70,8 +70,9 @@ def point_mlflow_at(uri: str) -> None:
             os.environ[name] = value
 
 
-def configure(paths: Paths, params: Params) -> str:
-    """Point MLflow at the store and make sure the experiment exists; returns its id."""
+def configure(paths: Paths, params: Params, experiment: str | None = None) -> str:
+    """Point MLflow at the store and make sure the experiment exists (the training experiment
+    unless another is named); returns its id."""
     import mlflow
 
     _http_settings(params)
@@ -79,22 +80,19 @@ def configure(paths: Paths, params: Params) -> str:
     if uri.startswith("sqlite:///"):
         paths.mlflow_dir.mkdir(parents=True, exist_ok=True)
     point_mlflow_at(uri)
+    name = experiment or params.mlflow.experiment
+    tags = {TAG_EXPERIMENT_KIND: TRAINING_KIND} if experiment is None else {}
     with unavailable_as_error(uri):
-        experiment = mlflow.get_experiment_by_name(params.mlflow.experiment)
-        if experiment is not None:
-            if experiment.tags.get(TAG_EXPERIMENT_KIND) != TRAINING_KIND:
-                mlflow.MlflowClient().set_experiment_tag(
-                    experiment.experiment_id, TAG_EXPERIMENT_KIND, TRAINING_KIND
-                )
-            return experiment.experiment_id
+        found = mlflow.get_experiment_by_name(name)
+        if found is not None:
+            for key, value in tags.items():
+                if found.tags.get(key) != value:
+                    mlflow.MlflowClient().set_experiment_tag(found.experiment_id, key, value)
+            return found.experiment_id
         location = None
         if uri.startswith("sqlite:///"):
             location = paths.mlflow_artifacts.as_uri()
-        return mlflow.create_experiment(
-            params.mlflow.experiment,
-            artifact_location=location,
-            tags={TAG_EXPERIMENT_KIND: TRAINING_KIND},
-        )
+        return mlflow.create_experiment(name, artifact_location=location, tags=tags)
 
 
 @contextmanager

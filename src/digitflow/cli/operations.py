@@ -1,7 +1,9 @@
-"""Operations: scheduled retraining on a Prefect server, sweeps on Dask, a tracking server."""
+"""Operations: scheduled and event-driven retraining on a Prefect server, drift monitoring,
+sweeps on Dask, a tracking server."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -13,7 +15,7 @@ from rich.markup import escape
 
 from ..config import paths
 from ..console import console
-from .common import RootOption, fail, load_flow, reported, setup
+from .common import RootOption, configured, fail, load_flow, reported, setup
 
 PANEL = "Operations"
 app = typer.Typer()
@@ -30,40 +32,123 @@ def deploy(
     work_pool: Annotated[
         str | None,
         typer.Option(
-            help="Register on this work pool and return; `prefect worker start --pool NAME` runs it."
+            help="Register on this work pool and return; `prefect worker start --pool NAME` runs it "
+            "(the inbox watcher then does not run: start `digitflow deploy` without it for that)."
         ),
     ] = None,
     root: RootOption = None,
 ) -> None:
-    """Serve the pipeline as a scheduled Prefect deployment on the server in $PREFECT_API_URL.
+    """Retraining, monitoring and the inbox watcher, on the Prefect server in $PREFECT_API_URL.
+
+    - digitflow-pipeline/NAME retrains on its cron (schedule.cron) and within seconds of a
+      batch landing in the inbox (a `digitflow.inbox.batch-landed` event and its trigger);
+    - digitflow-monitor/NAME (monitor.deployment, monitor.cron) checks the logged inputs
+      and starts the retraining deployment on evidence: new corrections, drift, live accuracy;
+    - the inbox watcher sends the event when a batch settles in the inbox.
 
     Without --work-pool this process serves the runs until stopped (Ctrl-C pauses the
-    schedule). Trigger a run by hand with `prefect deployment run digitflow-pipeline/NAME`;
+    schedules). Start a run by hand with `prefect deployment run digitflow-pipeline/NAME`;
     runs queue one at a time.
     """
+    from ..events import InboxWatcher, inbox_trigger
     from ..scheduling import require_server
 
     project, params = setup(root)
     with reported():
         api_url = require_server()
-    settings = params.schedule
-    module = load_flow(project, "pipeline")
+    settings, watch = params.schedule, params.monitor
+    pipeline_flow = load_flow(project, "pipeline")
+    monitor_flow = load_flow(project, "monitor")
     deployment_name = name or settings.deployment
     schedule = cron or settings.cron
+    triggers = [inbox_trigger(project)]
     console.print(
         f"deployment [bold]digitflow-pipeline/{deployment_name}[/] on {api_url}: "
-        f"cron '{schedule}' ({settings.timezone}), one run at a time"
+        f"cron '{schedule}' ({settings.timezone}) and inbox events, one run at a time"
     )
     if work_pool:
-        deployment_id = module.deploy_to_pool(
-            str(project.root), deployment_name, schedule, settings.timezone, work_pool
+        deployment_id = pipeline_flow.deploy_to_pool(
+            str(project.root), deployment_name, schedule, settings.timezone, work_pool, triggers
         )
         console.print(
             f"registered on work pool '{work_pool}' (id {deployment_id}); start a worker with "
             f"`prefect worker start --pool {work_pool}`"
         )
         return
-    module.serve_deployment(str(project.root), deployment_name, schedule, settings.timezone)
+    console.print(
+        f"deployment [bold]digitflow-monitor/{watch.deployment}[/]: cron '{watch.cron}' "
+        f"({settings.timezone}); retrains on {watch.min_new_labels}+ corrections, drift, or live "
+        f"accuracy under {watch.min_live_accuracy}"
+    )
+    console.print(
+        f"watching {project.inbox(params)} every {watch.watch_interval_s:g} s for new batches"
+    )
+    from prefect import serve
+
+    watcher = InboxWatcher(project, params)
+    watcher.start()
+    try:
+        serve(
+            pipeline_flow.deployment(
+                str(project.root), deployment_name, schedule, settings.timezone, triggers
+            ),
+            monitor_flow.deployment(
+                str(project.root), watch.deployment, watch.cron, settings.timezone, deployment_name
+            ),
+            print_starting_message=True,
+        )
+    finally:
+        watcher.stop()
+
+
+@app.command(rich_help_panel=PANEL)
+def monitor(
+    window: Annotated[
+        int | None,
+        typer.Option(
+            help="Look at the last this many logged predictions (default: monitor.window_size)."
+        ),
+    ] = None,
+    hours: Annotated[
+        float | None,
+        typer.Option(
+            help="Only predictions of the last this many hours (default: monitor.window_hours)."
+        ),
+    ] = None,
+    mlflow_run: Annotated[
+        bool, typer.Option("--mlflow/--no-mlflow", help="Log a monitoring run to MLflow.")
+    ] = True,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print drift.json instead of a summary.")
+    ] = False,
+    root: RootOption = None,
+) -> None:
+    """Compare recent logged inputs with the champion's training data (embeddings, image
+    statistics, predicted-class mix, confidence) and report live accuracy.
+
+    Writes reports/monitoring/drift.json and drift.html (opens offline), and logs both to a
+    monitoring run in MLflow tagged with the champion version. It only reports: the monitoring
+    deployment (`digitflow deploy`) is what starts retraining on the evidence.
+    """
+    from .. import monitoring
+
+    project, params = configured(root)
+    changes = {"window_size": window, "window_hours": hours}
+    changes = {key: value for key, value in changes.items() if value is not None}
+    if changes:
+        params = params.model_copy(update={"monitor": params.monitor.model_copy(update=changes)})
+    with console.status("checking the logged inputs against the training data ..."), reported():
+        verdict = monitoring.monitor(project, params, log_to_mlflow=mlflow_run)
+    if as_json:
+        print(json.dumps(verdict.to_dict(), indent=2))
+        return
+    for line in verdict.lines():
+        console.print(line, highlight=False)
+    console.print(f"report: {project.drift_html}\n        {project.drift_json}")
+    if verdict.mlflow_run_id:
+        console.print(
+            f"MLflow run {verdict.mlflow_run_id} (experiment {params.monitor.experiment})"
+        )
 
 
 @app.command(rich_help_panel=PANEL)
