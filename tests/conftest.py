@@ -29,6 +29,7 @@ PROJECT_FILES = [
     ".dvc/config",
     "flows/pipeline.py",
     "flows/sweep.py",
+    "flows/monitor.py",
 ]
 
 set_environment_defaults()
@@ -357,3 +358,40 @@ def digitflow_serve(root: Path, env: dict[str, str] | None = None, name: str = "
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+def venv_env(extra: dict[str, str]) -> dict[str, str]:
+    """os.environ with this interpreter's bin/ first on PATH, plus `extra`."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **extra}
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory) -> dict[str, str]:
+    """A real Prefect server on a free port with a throw-away PREFECT_HOME; stopped after."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    env = {
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    log = home / "server.log"
+    with log.open("w") as output:
+        server = subprocess.Popen(
+            ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=venv_env(env),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            cwd=home,
+        )
+    wait_until_up(f"{env['PREFECT_API_URL']}/health", server, log, 120)
+    previous = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)  # this process's Prefect client talks to the same server
+    yield env
+    for key, value in previous.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.terminate()
+    server.wait(timeout=30)

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import free_port, make_project, run, set_params, tree_digest, wait_until_up
+from conftest import make_project, run, set_params, tree_digest, venv_env, wait_until_up
 from PIL import Image
 
 from digitflow import tracking
 from digitflow.config import Paths, load_params
+from digitflow.events import InboxWatcher
 from digitflow.idx import read_images, read_labels
 from digitflow.versioning import data_hash
 
@@ -32,43 +31,14 @@ SLICE = {
     ("train", "lr_schedule"): "constant",
     ("promotion", "min_accuracy"): 0.3,
     ("promotion", "alpha"): 1e-12,  # later runs never replace the champion by themselves
+    # The watcher `digitflow deploy` runs would start a run for every batch a test drops in the
+    # inbox; here tests start runs themselves, and one sends the watcher's event by hand.
+    ("monitor", "watch_interval_s"): 3600,
 }
 
 
 def _env(extra: dict[str, str]) -> dict[str, str]:
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **extra}
-
-
-@pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory) -> dict[str, str]:
-    """A real Prefect server on a free port with a throw-away PREFECT_HOME; stopped after."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = free_port()
-    env = {
-        "PREFECT_HOME": str(home),
-        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    }
-    log = home / "server.log"
-    with log.open("w") as output:
-        server = subprocess.Popen(
-            ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=_env(env),
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            cwd=home,
-        )
-    wait_until_up(f"{env['PREFECT_API_URL']}/health", server, log, 120)
-    previous = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)  # this process's Prefect client talks to the same server
-    yield env
-    for key, value in previous.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    server.terminate()
-    server.wait(timeout=30)
+    return venv_env(extra)
 
 
 def _client():
@@ -94,6 +64,37 @@ def _trigger(count: int = 1, deployment_name: str = "nightly", **parameters) -> 
                     return current
                 await asyncio.sleep(1)
             raise AssertionError(f"flow runs did not finish: {[r.state for r in current]}")
+
+    return asyncio.run(go())
+
+
+def _run_started_by(trigger: str, seconds: float):
+    """The deployment's flow run whose `trigger` parameter is `trigger`, once it exists (fails
+    after `seconds`); then waits for it to finish. Returns (seconds until it existed, the run)."""
+
+    async def go():
+        started = time.monotonic()
+        async with _client() as client:
+            deployment = await client.read_deployment_by_name(f"{FLOW}/nightly")
+            while True:
+                runs = await client.read_flow_runs(limit=50)
+                found = [
+                    r
+                    for r in runs
+                    if r.deployment_id == deployment.id and r.parameters.get("trigger") == trigger
+                ]
+                if found:
+                    break
+                assert time.monotonic() - started < seconds, f"no run for {trigger!r}"
+                await asyncio.sleep(0.5)
+            waited = time.monotonic() - started
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline:
+                current = await client.read_flow_run(found[0].id)
+                if current.state and current.state.is_final():
+                    return waited, current
+                await asyncio.sleep(1)
+            raise AssertionError(f"flow run did not finish: {current.state}")
 
     return asyncio.run(go())
 
@@ -195,11 +196,39 @@ def test_deployment_has_the_cron_schedule_from_params(deployed) -> None:
     assert deployment.paused is False
 
 
+def test_deploy_sets_up_monitoring_and_the_inbox_trigger(deployed) -> None:
+    from digitflow.events import INBOX_BATCH, resource_id
+
+    params = load_params(deployed.params)
+
+    async def read():
+        async with _client() as client:
+            monitor = await client.read_deployment_by_name(
+                f"digitflow-monitor/{params.monitor.deployment}"
+            )
+            pipeline = await client.read_deployment_by_name(f"{FLOW}/nightly")
+            automations = await client.read_automations()
+            return monitor, pipeline, automations
+
+    monitor, pipeline, automations = asyncio.run(read())
+    assert monitor.schedules[0].schedule.cron == params.monitor.cron == "0 * * * *"
+    assert monitor.parameters == {
+        "root": str(deployed.root.resolve()),
+        "retrain_deployment": "nightly",
+    }
+    (automation,) = [a for a in automations if INBOX_BATCH in a.trigger.expect]
+    assert automation.trigger.match.get("prefect.resource.id") == resource_id(deployed)
+    (action,) = automation.actions
+    assert action.deployment_id == pipeline.id
+    assert action.parameters["trigger"] == "inbox: {{ event.payload.batch }}"
+
+
 def test_triggered_run_trains_and_promotes(deployment) -> None:
     project, first_run, summary = deployment
     assert first_run.state.is_completed(), first_run.state
     assert "train" in summary["stages_run"] and summary["decision"] == "promoted"
     assert summary["champion_version"] == "1"
+    assert summary["trigger"] == "deployment run (nightly)"
     versions, champion = _registry(project)
     assert versions[0] == "1" and champion == "1"
 
@@ -264,9 +293,15 @@ def test_bad_batch_is_quarantined_and_nothing_else_changes(deployed, mnist_sourc
     before = (tree_digest(deployed.data), data_hash(deployed), _registry(deployed))
     runs_before = len(_mlflow_runs(deployed))
 
-    (flow_run,) = _trigger()
-    assert flow_run.state.is_completed(), flow_run.state
+    # What the watcher in `digitflow deploy` does: one look at the inbox, one event for the
+    # batches that settled there; the deployment's trigger starts a run.
+    announced = InboxWatcher(deployed, params).poll()
+    assert announced == ["copied-test-set.npz", "suspicious"]
+    trigger = "inbox: copied-test-set.npz, suspicious"
+    waited, flow_run = _run_started_by(trigger, seconds=30)
+    assert waited < 30 and flow_run.state.is_completed(), flow_run.state
     summary = _last_run(deployed)
+    assert summary["trigger"] == trigger
     assert [b["accepted"] for b in summary["batches"]] == [False, False]
     assert (tree_digest(deployed.data), data_hash(deployed), _registry(deployed)) == before
     assert len(_mlflow_runs(deployed)) == runs_before

@@ -1,7 +1,7 @@
 """Prefect events that start retraining without waiting for the schedule.
 
-- `digitflow.inbox.batch-landed`: a new batch settled in the inbox (sent by the watcher that
-  `digitflow deploy` runs beside the deployments);
+- `digitflow.inbox.batch-landed`: new batches settled in the inbox (sent by the watcher that
+  `digitflow deploy` runs beside the deployments; one event names every batch one look found);
 - `digitflow.drift.detected`: a monitoring run found drift (for automations: notifications,
   dashboards; the monitoring flow starts retraining itself).
 
@@ -12,17 +12,19 @@ Prefect server nothing is sent.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import hashlib
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from .config import Params, Paths
-from .inbox import find_batches, settled
+from .inbox import find_batches, settled, signature
 
 INBOX_BATCH = "digitflow.inbox.batch-landed"
 DRIFT_DETECTED = "digitflow.drift.detected"
+SEND_TIMEOUT_S = 30
 
 
 def resource_id(paths: Paths) -> str:
@@ -40,14 +42,25 @@ def resource(paths: Paths) -> dict[str, str]:
 
 
 def emit(name: str, paths: Paths, payload: dict[str, Any]) -> bool:
-    """Send an event about this project; False when no Prefect server is configured."""
-    from prefect.events import emit_event
+    """Send an event about this project to the Prefect server and wait until it is sent (a
+    short-lived process would otherwise exit first); False when no server is configured."""
+    from prefect.events import Event
+    from prefect.events.clients import PrefectEventsClient
 
     from .scheduling import api_url
 
-    if not api_url():
+    url = api_url()
+    if not url:
         return False
-    return emit_event(event=name, resource=resource(paths), payload=payload) is not None
+    event = Event(event=name, resource=resource(paths), payload=payload)
+
+    async def send() -> None:
+        async with PrefectEventsClient(api_url=url) as client:
+            await client.emit(event)
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # safe inside a running event loop
+        pool.submit(asyncio.run, send()).result(timeout=SEND_TIMEOUT_S)
+    return True
 
 
 def inbox_trigger(paths: Paths):
@@ -62,37 +75,35 @@ def inbox_trigger(paths: Paths):
         match={"prefect.resource.id": resource_id(paths)},
         parameters={
             "root": str(paths.root.resolve()),
-            "trigger": "inbox batch {{ event.payload.batch }}",
+            "trigger": "inbox: {{ event.payload.batch }}",
         },
     )
 
 
 class InboxWatcher:
-    """Polls the inbox; sends INBOX_BATCH once for each batch that settled there (a batch that
-    changes, for example is replaced, is announced again)."""
+    """Polls the inbox; sends one INBOX_BATCH event for the batches that settled there since
+    the last look (a batch whose files change, for example one replaced, is announced again)."""
 
     def __init__(
         self, paths: Paths, params: Params, send: Callable[[str, Paths, dict], Any] = emit
     ) -> None:
         self.paths, self.params, self.send = paths, params, send
-        self.announced: set[tuple[str, int]] = set()
+        self.announced: set[tuple[str, tuple]] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def poll(self) -> list[str]:
-        """One look at the inbox; returns the batches announced now."""
-        ready, _ = settled(find_batches(self.paths.inbox(self.params)), self.params.inbox.settle_s)
-        sent = []
-        for batch in ready:
-            key = (batch.name, _size(batch))
-            if key in self.announced:
-                continue
-            self.send(INBOX_BATCH, self.paths, {"batch": batch.name, "bytes": key[1]})
-            self.announced.add(key)
-            sent.append(batch.name)
-        present = {path.name for path in find_batches(self.paths.inbox(self.params))}
+        """One look at the inbox; returns the batches announced now (in one event)."""
+        inbox = self.paths.inbox(self.params)
+        ready, _ = settled(find_batches(inbox), self.params.inbox.settle_s)
+        fresh = {(batch.name, signature(batch)) for batch in ready} - self.announced
+        names = sorted(name for name, _ in fresh)
+        if names:
+            self.send(INBOX_BATCH, self.paths, {"batch": ", ".join(names), "count": len(names)})
+            self.announced |= fresh
+        present = {path.name for path in find_batches(inbox)}
         self.announced = {key for key in self.announced if key[0] in present}
-        return sent
+        return names
 
     def _run(self) -> None:
         while not self._stop.wait(self.params.monitor.watch_interval_s):
@@ -109,10 +120,3 @@ class InboxWatcher:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-
-
-def _size(batch: Path) -> int:
-    """Total bytes of a batch file or folder (what tells a replaced batch from the one before)."""
-    if batch.is_symlink() or not batch.is_dir():
-        return batch.lstat().st_size
-    return sum(f.lstat().st_size for f in batch.rglob("*") if f.is_file())

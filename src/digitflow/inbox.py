@@ -90,7 +90,7 @@ def find_batches(inbox: Path) -> list[Path]:
     return [p for p in entries if p.is_symlink() or p.is_dir() or p.suffix == ".npz"]
 
 
-def _signature(path: Path) -> tuple:
+def signature(path: Path) -> tuple:
     """What changes while a batch is still being copied: each file's name, size and mtime."""
     files = [path] if path.is_symlink() or not path.is_dir() else sorted(path.rglob("*"))
     return tuple((str(f), (s := f.lstat()).st_size, s.st_mtime_ns) for f in files)
@@ -101,11 +101,11 @@ def settled(batches: list[Path], settle_s: float) -> tuple[list[Path], list[Path
     so a run that starts while a batch is being copied leaves it for the next run."""
     if not batches:
         return [], []
-    first = {path: _signature(path) for path in batches}
+    first = {path: signature(path) for path in batches}
     if settle_s > 0:
         time.sleep(settle_s)
     ready = [path for path in batches if path.exists() or path.is_symlink()]
-    ready = [path for path in ready if _signature(path) == first[path]]
+    ready = [path for path in ready if signature(path) == first[path]]
     return ready, [path for path in batches if path not in ready]
 
 
