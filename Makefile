@@ -6,7 +6,7 @@ BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 UI_PORT ?= 5000
 
-.PHONY: help install run test test-fast deps lint format ui repro clean bench-overhead bench-throughput bench-noop bench-validation bench-accuracy bench-serving bench-prediction-log bench-sweep mlflow-server
+.PHONY: help install run test test-fast deps lint format ui repro clean bench-overhead bench-throughput bench-noop bench-validation bench-accuracy bench-serving bench-prediction-log bench-monitor bench-sweep mlflow-server
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -47,6 +47,9 @@ ui: install  ## Open the MLflow UI on the embedded store (http://127.0.0.1:$(UI_
 
 bench-prediction-log: install  ## Single-image latency with the prediction log on vs off
 	python bench/prediction_log.py
+
+bench-monitor: install  ## Drift monitoring: time on 10,000 logged predictions, false alarms over 40 windows
+	python bench/monitor.py
 
 bench-sweep: install  ## A 4-trial sweep with 1 Dask worker vs 2
 	python bench/sweep.py

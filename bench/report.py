@@ -108,6 +108,22 @@ def table() -> str:
             f"{logging['prediction_log']['written']} rows written, {logging['prediction_log']['failed']} failed "
             f"| `python bench/prediction_log.py` | `{logging['file']}` ({machine_of(logging)}) |"
         )
+    monitor = newest("monitor")
+    if monitor:
+        scans, canvas = monitor["false_alarms"]["scan"], monitor["false_alarms"]["canvas"]
+        turned = monitor["detection_rotated_90"]
+        rows.append(
+            f"| `digitflow monitor` on {monitor['logged_predictions']:,} logged predictions "
+            f"({monitor['compared_rows']:,} compared) / plain `predict` of them | "
+            f"{monitor['monitor_median_s']:.1f} s / {monitor['plain_predict_median_s']:.1f} s | "
+            f"`python bench/monitor.py` | `{monitor['file']}` ({machine_of(monitor)}) |"
+        )
+        rows.append(
+            f"| drift false alarms, windows of {monitor['window']} MNIST test digits (scans / "
+            f"page canvas); alarms on the same windows turned 90 degrees | "
+            f"{scans['alarms']} of {scans['windows']} / {canvas['alarms']} of {canvas['windows']}; "
+            f"{turned['alarms']} of {turned['windows']} | same | same |"
+        )
     sweep = newest("sweep")
     if sweep:
         medians = sweep["median_seconds"]

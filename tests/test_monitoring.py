@@ -17,7 +17,6 @@ from conftest import (
     clone_project,
     digitflow_serve,
     headless_chromium,
-    load_module,
     run,
     set_params,
 )
@@ -25,6 +24,7 @@ from paper import on_canvas, rotated
 
 from digitflow import monitoring
 from digitflow import predictionlog as plog
+from digitflow.cli.common import load_flow
 from digitflow.config import Paths, load_params
 from digitflow.dataset import load_raw
 from digitflow.events import InboxWatcher
@@ -213,7 +213,6 @@ def test_each_monitoring_run_is_logged_to_mlflow_with_the_champion_version(
             == str(served_windows[name]["drift_detected"]).lower()
         )
     last = runs[served_windows["rotated"]["mlflow_run_id"]]
-    last = runs[-1]
     assert last.data.tags["champion_version"] == "1" and last.data.tags["drift_detected"] == "true"
     assert last.data.metrics["embedding_score"] == pytest.approx(
         served_windows["rotated"]["checks"]["embedding"]["score"]
@@ -280,7 +279,7 @@ def _correct(project: Paths, database: str, ids: list[str], labels: list[int]) -
 def retrain_target(monitored: Paths, prefect_api) -> str:
     """A deployment of the pipeline flow that nobody serves: runs created for it stay
     scheduled, so a test sees what the monitoring flow started without training."""
-    pipeline = load_module(monitored.root / "flows" / "pipeline.py")
+    pipeline = load_flow(monitored, "pipeline")
     pipeline.mnist_pipeline.to_deployment(
         name="monitor-target", parameters={"root": str(monitored.root)}
     ).apply()
@@ -335,7 +334,7 @@ def test_monitoring_flow_starts_retraining_for_each_reason_and_not_without(
             return {str(r.id): r for r in runs if r.deployment_id == deployment.id}
 
     before = asyncio.run(runs_of_target())
-    flows = load_module(monitored.root / "flows" / "monitor.py")
+    flows = load_flow(monitored, "monitor")
     result = flows.monitor_inputs(root=str(monitored.root), retrain_deployment=retrain_target)
 
     assert result["retrain_reasons"] == expected

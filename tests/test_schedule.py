@@ -217,7 +217,7 @@ def test_deploy_sets_up_monitoring_and_the_inbox_trigger(deployed) -> None:
         "retrain_deployment": "nightly",
     }
     (automation,) = [a for a in automations if INBOX_BATCH in a.trigger.expect]
-    assert automation.trigger.match.get("prefect.resource.id") == resource_id(deployed)
+    assert automation.trigger.match.get("prefect.resource.id") == [resource_id(deployed)]
     (action,) = automation.actions
     assert action.deployment_id == pipeline.id
     assert action.parameters["trigger"] == "inbox: {{ event.payload.batch }}"
