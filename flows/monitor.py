@@ -20,7 +20,7 @@ set_environment_defaults()
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 
-from digitflow import events, monitoring  # noqa: E402
+from digitflow import events, feedback, monitoring  # noqa: E402
 
 PIPELINE_FLOW = "digitflow-pipeline"
 SUMMARY_ARTIFACT = "digitflow-drift-summary"
@@ -79,11 +79,15 @@ def start_retraining(root: str, reasons: list[str], deployment: str) -> str:
 def monitor_inputs(root: str = ".", retrain_deployment: str | None = None) -> dict:
     """Check the logged inputs for drift and live accuracy; start the retraining deployment
     (default: schedule.deployment) when the evidence asks for it. Returns the verdict with
-    `retraining_run`, the id of the run it started (None: none)."""
+    `retraining_run`, the id of the run it started (None: none). Before anything was served
+    there is nothing to check: the run says so and succeeds."""
     root = str(Path(root).resolve())
     project = paths(Path(root))
     params = load_params(project.params)
     logger = get_run_logger()
+    if feedback.log_engine(project, params) is None:
+        logger.warning("nothing to monitor: nothing was served yet (no prediction log)")
+        return {"note": "nothing served yet", "retrain_reasons": [], "retraining_run": None}
     verdict = check_inputs(root)
     publish(root, verdict)
     if verdict["drift_detected"]:

@@ -349,3 +349,13 @@ def test_monitoring_flow_starts_retraining_for_each_reason_and_not_without(
     assert flow_run.parameters["trigger"] == f"monitor: {', '.join(expected)}"
     assert flow_run.parameters["force"] is (case in ("drift", "live_accuracy"))
     assert {f"retrain:{reason}" for reason in expected} <= set(flow_run.tags)
+
+
+@pytest.mark.slow
+def test_monitoring_flow_before_anything_was_served_starts_nothing(
+    project: Paths, prefect_api
+) -> None:
+    flows = load_flow(project, "monitor")
+    result = flows.monitor_inputs(root=str(project.root), retrain_deployment="nowhere")
+    assert result == {"note": "nothing served yet", "retrain_reasons": [], "retraining_run": None}
+    assert not project.drift_json.exists()

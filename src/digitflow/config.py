@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -172,22 +173,20 @@ class FeedbackParams(_Strict):
         return value
 
 
-def five_field_cron(value: str) -> str:
+def _five_field_cron(value: str) -> str:
     """A cron expression with its five fields, else a ValueError that shows the expected form."""
     if len(value.split()) != 5:
         raise ValueError(f"expected a 5-field cron expression such as '0 3 * * *', got {value!r}")
     return value
 
 
+CronExpression = Annotated[str, Field(min_length=1), AfterValidator(_five_field_cron)]
+
+
 class ScheduleParams(_Strict):
     deployment: str = Field(min_length=1)
-    cron: str = Field(min_length=1)
+    cron: CronExpression
     timezone: str = Field(min_length=1)
-
-    @field_validator("cron")
-    @classmethod
-    def _five_fields(cls, value: str) -> str:
-        return five_field_cron(value)
 
 
 class MonitorParams(_Strict):
@@ -207,13 +206,8 @@ class MonitorParams(_Strict):
     min_live_accuracy: float = Field(ge=0, le=1)
     experiment: str = Field(min_length=1)
     deployment: str = Field(min_length=1)
-    cron: str = Field(min_length=1)
+    cron: CronExpression
     watch_interval_s: float = Field(gt=0)
-
-    @field_validator("cron")
-    @classmethod
-    def _five_fields(cls, value: str) -> str:
-        return five_field_cron(value)
 
 
 class SweepParams(_Strict):
