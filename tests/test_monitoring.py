@@ -105,7 +105,11 @@ def test_inbox_watcher_announces_each_settled_batch_once(project: Paths) -> None
     (inbox / "b.npz").unlink()
     np.savez(inbox / "b.npz", images=digits, labels=np.arange(3))
     assert watcher.poll() == ["b.npz"]  # taken away and dropped again
-    assert len(sent) == 3
+    np.savez(inbox / "feedback-20261126T090333Z-e3a940af.npz", images=digits, labels=np.arange(3))
+    assert watcher.poll() == []  # the pipeline's own export: the run that wrote it admits it
+    (inbox / "feedback-20261126T090333Z-e3a940af.npz").rename(inbox / "corrections.npz")
+    assert watcher.poll() == ["corrections.npz"]  # a reviewed export a person put back
+    assert len(sent) == 4
 
 
 def test_monitor_without_a_prediction_log_says_so(project: Paths) -> None:

@@ -17,9 +17,11 @@ import concurrent.futures
 import hashlib
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from .config import Params, Paths
+from .feedback import BATCH_PREFIX
 from .inbox import find_batches, settled, signature
 
 INBOX_BATCH = "digitflow.inbox.batch-landed"
@@ -93,9 +95,12 @@ class InboxWatcher:
         self._thread: threading.Thread | None = None
 
     def poll(self) -> list[str]:
-        """One look at the inbox; returns the batches announced now (in one event)."""
+        """One look at the inbox; returns the batches announced now (in one event). The
+        pipeline's own corrections exports (feedback-*.npz) are left out: the run that wrote
+        one admits it a moment later."""
         inbox = self.paths.inbox(self.params)
-        ready, _ = settled(find_batches(inbox), self.params.inbox.settle_s)
+        waiting = [path for path in find_batches(inbox) if not _exported_here(path)]
+        ready, _ = settled(waiting, self.params.inbox.settle_s)
         fresh = {(batch.name, signature(batch)) for batch in ready} - self.announced
         names = sorted(name for name, _ in fresh)
         if names:
@@ -120,3 +125,8 @@ class InboxWatcher:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+
+
+def _exported_here(batch: Path) -> bool:
+    """Whether a batch is a corrections export the pipeline wrote into the inbox itself."""
+    return batch.is_file() and batch.name.startswith(BATCH_PREFIX)
