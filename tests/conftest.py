@@ -388,6 +388,13 @@ def prefect_api(tmp_path_factory) -> dict[str, str]:
     previous = {key: os.environ.get(key) for key in env}
     os.environ.update(env)  # this process's Prefect client talks to the same server
     yield env
+    # Flows run in this process leave Prefect's log and event workers bound to this server:
+    # flush and stop them while it still answers, or a later flow in this process hangs on them.
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=30)
+    EventsWorker.drain_all(timeout=30)
     for key, value in previous.items():
         if value is None:
             os.environ.pop(key, None)
