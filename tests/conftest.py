@@ -386,15 +386,18 @@ def prefect_api(tmp_path_factory) -> dict[str, str]:
         )
     wait_until_up(f"{env['PREFECT_API_URL']}/health", server, log, 120)
     previous = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)  # this process's Prefect client talks to the same server
-    yield env
-    # Flows run in this process leave Prefect's log and event workers bound to this server:
-    # flush and stop them while it still answers, or a later flow in this process hangs on them.
+    os.environ.update(env)  # child processes and this process's Prefect client use the server
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    APILogWorker.drain_all(timeout=30)
-    EventsWorker.drain_all(timeout=30)
+    # Prefect reads its settings once per process: point this process at the server explicitly.
+    with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        yield env
+        # Flows run in this process leave Prefect's log and event workers bound to this server:
+        # flush and stop them while it answers, or a later flow in this process hangs on them.
+        APILogWorker.drain_all(timeout=30)
+        EventsWorker.drain_all(timeout=30)
     for key, value in previous.items():
         if value is None:
             os.environ.pop(key, None)
