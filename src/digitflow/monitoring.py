@@ -210,9 +210,7 @@ def reference_images(paths: Paths, params: Params) -> np.ndarray:
     train = load_raw(paths, params.data)["train"]
     if not len(train.labels):
         raise MonitorError(f"no training images in {paths.data} to compare with: run ingest")
-    rng = np.random.default_rng(params.monitor.seed)
-    size = min(params.monitor.reference_size, len(train.labels))
-    drawn = train.images[np.sort(rng.choice(len(train.labels), size, replace=False))]
+    drawn = sampled(train.images, params.monitor.reference_size, params.monitor.seed)
     return np.stack([stored_form(image, params) for image in drawn])
 
 
@@ -276,7 +274,7 @@ def features(two_headed, images: np.ndarray, ink_grey_level: int) -> pd.DataFram
 # ---------------------------------------------------------------- Evidently
 
 
-def _report(embedding_columns: list[str], settings: MonitorParams):
+def _report(settings: MonitorParams):
     """The Evidently report: one metric per check."""
     from evidently import Report
     from evidently.metrics import EmbeddingsDrift, ValueDrift
@@ -318,7 +316,7 @@ def compare(reference: pd.DataFrame, current: pd.DataFrame, settings: MonitorPar
         categorical_columns=[PREDICTED],
         embeddings={EMBEDDING: embedding_columns},
     )
-    snapshot = _report(embedding_columns, settings).run(
+    snapshot = _report(settings).run(
         Dataset.from_pandas(current, data_definition=definition),
         Dataset.from_pandas(reference, data_definition=definition),
     )
@@ -406,10 +404,6 @@ def write_json(verdict: Verdict, target: Path) -> None:
 # ---------------------------------------------------------------- one monitoring run
 
 
-def _settings_record(settings: MonitorParams) -> dict[str, Any]:
-    return settings.model_dump()
-
-
 def examine(engine: Engine, keras_model, version: str, paths: Paths, params: Params):
     """Compare the logged window with the training data through the champion; returns
     (verdict, Evidently snapshot or None when the window is too small)."""
@@ -431,7 +425,7 @@ def examine(engine: Engine, keras_model, version: str, paths: Paths, params: Par
         checks=[],
         live=live_accuracy(engine, window.prediction_ids),
         pending_labels=pending_labels(engine),
-        settings=_settings_record(settings),
+        settings=settings.model_dump(),
     )
     snapshot = None
     if len(window.images) < settings.min_window:
@@ -471,7 +465,7 @@ def log_run(paths: Paths, params: Params, verdict: Verdict) -> str:
         ) as run,
     ):
         mlflow.log_params(
-            {f"monitor.{key}": value for key, value in _settings_record(params.monitor).items()}
+            {f"monitor.{key}": value for key, value in params.monitor.model_dump().items()}
         )
         metrics = {f"{check.name}_score": check.score for check in verdict.checks}
         metrics.update(n_current=verdict.n_current, pending_labels=verdict.pending_labels)
