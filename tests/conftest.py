@@ -333,16 +333,18 @@ def draw_a_one(browser, pad) -> None:
 
 
 @contextmanager
-def digitflow_serve(root: Path, env: dict[str, str] | None = None, name: str = "serve"):
-    """`digitflow serve` as a real uvicorn process on a free port: yields (base URL, process);
-    stopped on exit. Its output goes to ROOT/NAME.log."""
+def digitflow_serve(
+    root: Path, env: dict[str, str] | None = None, name: str = "serve", options: tuple = ()
+):
+    """`digitflow serve` (with extra CLI `options`) as a real uvicorn process on a free port:
+    yields (base URL, process); stopped on exit. Its output goes to ROOT/NAME.log."""
     port = free_port()
     environment = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     environment.update(env or {})
     log = root / f"{name}.log"
     with log.open("w") as output:
         process = subprocess.Popen(
-            ["digitflow", "serve", "--port", str(port)],
+            ["digitflow", "serve", "--port", str(port), *options],
             cwd=root,
             env=environment,
             stdout=output,

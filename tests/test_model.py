@@ -169,3 +169,17 @@ def test_default_model_learns_on_a_slice_in_one_epoch(tmp_path, ingested: Paths)
     preprocess(project, settings)
     train(project, settings)
     assert evaluate(project, settings)["test_accuracy"] > 0.7
+
+
+@pytest.mark.parametrize(
+    ("first_epoch_s", "epochs", "expected"),
+    [(31.4, 32, "about 17 min"), (2.0, 10, "about 20 s")],
+)
+def test_training_time_is_forecast_from_the_first_epoch(
+    first_epoch_s: float, epochs: int, expected: str
+) -> None:
+    from digitflow.train import forecast
+
+    line = forecast(first_epoch_s, epochs)
+    assert f"first epoch took {first_epoch_s:.1f} s" in line
+    assert expected in line

@@ -25,6 +25,7 @@ SOURCE_ENV = "DIGITFLOW_MNIST_SOURCE"
 PREDICTION_DB_ENV = "DIGITFLOW_PREDICTION_DB"
 FEEDBACK_TOKEN_ENV = "DIGITFLOW_FEEDBACK_TOKEN"
 ROOT_ENV = "DIGITFLOW_ROOT"
+WORKER_SPEC_ENV = "DIGITFLOW_SERVE_WORKER"  # `digitflow serve --workers N` -> its worker processes
 SPLITS = ("train", "test")
 RECENT = "recent"  # the holdout parts of admitted batches: new data, never trained on
 NUM_CLASSES = 10
@@ -126,9 +127,21 @@ class ServeParams(_Strict):
     max_batch: int = Field(ge=1)
     max_request_pixels: int = Field(ge=784)
     decode_threads: int = Field(ge=1)
+    batch_wait_ms: float = Field(ge=0, le=1000)
+    batch_max_images: int = Field(ge=1)
+    workers: int = Field(ge=1)
     max_connections: int = Field(ge=1)
     keep_alive_s: float = Field(gt=0)
     read_timeout_s: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _one_request_fits_a_model_call(self) -> ServeParams:
+        if self.batch_max_images < self.max_batch:
+            raise ValueError(
+                f"batch_max_images ({self.batch_max_images}) must hold one whole request "
+                f"(max_batch {self.max_batch})"
+            )
+        return self
 
 
 class ImagingParams(_Strict):

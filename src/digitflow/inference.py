@@ -9,7 +9,8 @@ could not be read (those rows have digit -1).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -55,13 +56,32 @@ def prepare_batch(images: Sequence[bytes], ink: InkSettings) -> tuple[np.ndarray
     return batch, errors
 
 
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compiled(keras_model) -> Callable[[np.ndarray], np.ndarray]:
+    """The model's forward pass as one traced TensorFlow graph for any batch size (traced once
+    per model): a call costs about a millisecond where an eager call of the model costs ten, and
+    `predict` more for small batches."""
+    if keras_model not in _COMPILED:
+        import tensorflow as tf
+
+        graph = tf.function(
+            lambda images: keras_model(images, training=False),
+            input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.float32)],
+        )
+        _COMPILED[keras_model] = lambda images: graph(images).numpy()
+    return _COMPILED[keras_model]
+
+
 def probabilities_of(keras_model, images: np.ndarray, chunk: int = 256) -> np.ndarray:
-    """Class probabilities; calls the model directly, which for small batches (one HTTP request)
-    is several times faster than `predict`, whose per-call set-up costs tens of milliseconds."""
-    parts = [
-        np.asarray(keras_model(images[start : start + chunk], training=False))
-        for start in range(0, len(images), chunk)
-    ]
+    """Class probabilities of (n, 28, 28, 1) inputs, `chunk` images per call of the compiled
+    forward pass."""
+    forward = compiled(keras_model)
+    images = np.asarray(images, dtype=np.float32)
+    if len(images) == 0:
+        return np.zeros((0, NUM_CLASSES), dtype=np.float32)
+    parts = [forward(images[start : start + chunk]) for start in range(0, len(images), chunk)]
     return np.concatenate(parts)
 
 
@@ -185,8 +205,16 @@ class Scorer:
         except Exception:  # logged with the keras flavour: no python_model to unwrap
             return cls(unwrap_keras(loaded, model_uri), ink)
 
+    def prepare(self, images: Sequence[bytes]) -> tuple[np.ndarray, list[str]]:
+        """Encoded images -> model inputs and one error message per image ('' = fine)."""
+        return prepare_batch(images, self.ink)
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        """Class probabilities of prepared inputs, (n, 10), in one compiled call per chunk."""
+        return probabilities_of(self.keras_model, batch)
+
     def score(self, images: Sequence[bytes]) -> Scored:
-        batch, errors = prepare_batch(images, self.ink)
+        batch, errors = self.prepare(images)
         probabilities = probabilities_prepared(self.keras_model, batch, errors)
         return Scored(results_frame(probabilities, errors), batch, probabilities)
 

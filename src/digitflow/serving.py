@@ -22,12 +22,14 @@ from importlib.resources import files
 from typing import Any, Literal
 
 import anyio
+import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field, create_model
 from starlette.concurrency import run_in_threadpool
 
 from . import inference, predictionlog
+from .batching import Batcher
 from .config import ServeParams
 from .imaging import InkSettings, pixel_count
 from .predictionlog import CorrectionSettled, LogWriter, UnknownPrediction
@@ -49,7 +51,9 @@ class Served:
 def loaded(uri: str, version: str, ink: InkSettings) -> Served:
     """Load a model for serving."""
     model = inference.load(uri)
-    return Served(model, uri, version, time.time(), inference.Scorer.of(model, uri, ink))
+    scorer = inference.Scorer.of(model, uri, ink)
+    scorer.probabilities(np.zeros((1, 28, 28, 1), dtype=np.float32))  # trace before requests do
+    return Served(model, uri, version, time.time(), scorer)
 
 
 class ChampionHolder:
@@ -345,15 +349,18 @@ def create_app(
     not logged, and /feedback answers 503)."""
     batch_model = bounded_batch(limits.max_batch)
     decoding = anyio.CapacityLimiter(limits.decode_threads)
+    batcher = Batcher(limits.batch_max_images, limits.batch_wait_ms / 1000)
     access = access or FeedbackAccess(token=None, loopback=True, rate_limit="30/minute")
     rate, limiter = _rate_limiter(access.rate_limit)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         holder.start()
+        batcher.start()
         if log is not None:
             log.start()
         yield
+        await batcher.stop()
         holder.stop()
         if log is not None:
             await run_in_threadpool(log.stop)
@@ -382,11 +389,14 @@ def create_app(
             "model_uri": served.uri,
             "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(served.loaded_at)),
             "reload_error": holder.last_error or None,
+            "batching": batcher.stats.to_dict(),
             "prediction_log": log_health,
         }
 
-    def answer(items: list[tuple[str | None, bytes]], served: Served) -> inference.Scored:
-        """Check the request's pixel budget from the headers, then decode and predict."""
+    def prepared(
+        items: list[tuple[str | None, bytes]], served: Served
+    ) -> tuple[np.ndarray, list[str]]:
+        """Check the request's pixel budget from the headers, then decode and prepare."""
         pixels = sum(pixel_count(data) for _, data in items)
         if pixels > limits.max_request_pixels:
             raise HTTPException(
@@ -394,18 +404,23 @@ def create_app(
                 f"{pixels:,} pixels in {len(items)} images; at most "
                 f"{limits.max_request_pixels:,} per request",
             )
-        return served.scorer.score([data for _, data in items])
+        return served.scorer.prepare([data for _, data in items])
 
     def logged_ids(
-        request: Request, items: list, scored: inference.Scored, served: Served, started: float
+        request: Request,
+        items: list,
+        inputs: np.ndarray,
+        probabilities: np.ndarray,
+        served: Served,
+        started: float,
     ) -> list[str | None]:
         """Queue the answers for the log (off the request path); their prediction ids."""
         if log is None or request.query_params.get("log") == "false":
             return [None] * len(items)
         source = "page" if request.query_params.get("source") == "page" else "api"
         logged = predictionlog.entries(
-            scored.probabilities,
-            scored.inputs,
+            probabilities,
+            inputs,
             [data for _, data in items],
             (holder.name, served.version),
             source,
@@ -430,12 +445,12 @@ def create_app(
         started = time.perf_counter()
         items = await _read_images(request, limits, batch_model)
         served = holder.served
-        scored = await anyio.to_thread.run_sync(answer, items, served, limiter=decoding)
-        results = scored.results
+        inputs, errors = await anyio.to_thread.run_sync(prepared, items, served, limiter=decoding)
         for index, (filename, _) in enumerate(items):
-            if results["error"][index]:
-                raise HTTPException(422, f"{_label(index, filename)}: {results['error'][index]}")
-        ids = logged_ids(request, items, scored, served, started)
+            if errors[index]:
+                raise HTTPException(422, f"{_label(index, filename)}: {errors[index]}")
+        probabilities = await batcher.predict(served.scorer.probabilities, inputs)
+        ids = logged_ids(request, items, inputs, probabilities, served, started)
         return PredictResponse(
             model_version=served.version,
             model_uri=served.uri,
@@ -448,9 +463,7 @@ def create_app(
                     probability=float(row.max()),
                     probabilities=row.tolist(),
                 )
-                for (index, (filename, _)), row in zip(
-                    enumerate(items), scored.probabilities, strict=True
-                )
+                for (index, (filename, _)), row in zip(enumerate(items), probabilities, strict=True)
             ],
         )
 
@@ -535,3 +548,19 @@ def serve(
         limit_concurrency=limits.max_connections,
         timeout_keep_alive=limits.keep_alive_s,
     )
+
+
+def serve_workers(factory: str, limits: ServeParams, host: str, port: int, workers: int) -> None:
+    """Replace this process with uvicorn running `workers` processes on one port; each builds
+    its app with `factory` (an import string of a function returning the app)."""
+    import os
+    import sys
+
+    arguments = [
+        sys.executable, "-m", "uvicorn", "--factory", factory,
+        "--workers", str(workers), "--host", host, "--port", str(port),
+        "--limit-concurrency", str(limits.max_connections),
+        "--timeout-keep-alive", str(int(limits.keep_alive_s)),
+    ]  # fmt: skip
+    sys.stdout.flush()
+    os.execv(sys.executable, arguments)

@@ -59,6 +59,34 @@ class MlflowEpochLogger(keras.callbacks.Callback):
         )
 
 
+class TimeForecast(keras.callbacks.Callback):
+    """After the first epoch, says how long all of them will take on this machine. The first
+    epoch includes tracing the model, so the forecast leans long."""
+
+    def __init__(self, epochs: int) -> None:
+        super().__init__()
+        self.epochs = epochs
+        self.started = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        if epoch == 0:
+            self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if epoch == 0:
+            print(forecast(time.perf_counter() - self.started, self.epochs), flush=True)
+
+
+def forecast(first_epoch_s: float, epochs: int) -> str:
+    """The line TimeForecast prints: the first epoch's time and the whole fit's, estimated."""
+    total_s = first_epoch_s * epochs
+    total = f"{total_s / 60:.0f} min" if total_s >= 120 else f"{total_s:.0f} s"
+    return (
+        f"training: the first epoch took {first_epoch_s:.1f} s on this machine; all {epochs} "
+        f"epochs take about {total} (less if early stopping ends it sooner)"
+    )
+
+
 @contextmanager
 def writing(target: Path) -> Iterator[None]:
     """Turn a failed write (disk full, read-only, a file in the way) into a TrainingError."""
@@ -154,6 +182,7 @@ def fit_model(params: Params, fit: Arrays, val: Arrays, run_id: str, verbose: in
                 restore_best_weights=True,
             ),
             MlflowEpochLogger(run_id),
+            *([TimeForecast(settings.epochs)] if verbose else []),
         ],
         verbose=verbose,
     )

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from ..config import FEEDBACK_TOKEN_ENV, Params
+from ..config import FEEDBACK_TOKEN_ENV, WORKER_SPEC_ENV, Params
 from ..console import console, errors
 from ..tracking import guarded
 from .common import RootOption, configured, fail, reported
@@ -151,38 +151,79 @@ def serve(
             help="Log every answer to the prediction log (default: feedback.log_predictions)."
         ),
     ] = True,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Server processes sharing the port, each with its own model and batcher "
+            "(default: serve.workers). More than one pays off only with more cores.",
+        ),
+    ] = None,
     root: RootOption = None,
 ) -> None:
     """HTTP API (POST /predict, POST /feedback, GET /health, /docs) and a drawing page at / for
-    the champion; every answer is logged for corrections."""
-    from ..imaging import ink_settings
-    from ..serving import ChampionHolder, FixedModel
+    the champion; every answer is logged for corrections. Concurrent requests share model calls
+    (serve.batch_wait_ms, serve.batch_max_images)."""
     from ..serving import serve as run_server
+    from ..serving import serve_workers
 
     project, params = configured(root)
+    settings = params.serve
+    bind_host, bind_port = host or settings.host, port or settings.port
+    process_count = workers or settings.workers
+    if process_count > 1:
+        _load_model(project, params, model_uri)  # fail here, clearly, before the workers start
+        console.print(
+            f"{process_count} workers; drawing page: http://{bind_host}:{bind_port}/   "
+            f"API docs: http://{bind_host}:{bind_port}/docs"
+        )
+        os.environ[WORKER_SPEC_ENV] = json.dumps(
+            {"root": str(project.root), "host": bind_host, "model_uri": model_uri, "log": log}
+        )
+        serve_workers(f"{__name__}:worker_app", settings, bind_host, bind_port, process_count)
+        return
+    holder = _load_model(project, params, model_uri)
+    log_writer, access = _prediction_log(project, params, bind_host, log)
+    console.print(
+        f"drawing page: http://{bind_host}:{bind_port}/   API docs: http://{bind_host}:{bind_port}/docs"
+    )
+    run_server(holder, settings, bind_host, bind_port, log_writer, access)
+
+
+def _load_model(project, params: Params, model_uri: str | None):
+    """The model holder: the given URI, fixed, or the champion, reloaded when its alias moves."""
+    from ..imaging import ink_settings
+    from ..serving import ChampionHolder, FixedModel
+
     settings = params.serve
     ink = ink_settings(params.imaging)
     try:
         with reported(), guarded(project):
             if model_uri:
-                holder = FixedModel(model_uri, ink)
-            else:
-                holder = ChampionHolder(
-                    params.mlflow.registered_model, "champion", settings.reload_interval_s, ink
-                )
-                holder.refresh()
+                return FixedModel(model_uri, ink)
+            holder = ChampionHolder(
+                params.mlflow.registered_model, "champion", settings.reload_interval_s, ink
+            )
+            holder.refresh()
+            return holder
     except typer.Exit:
         raise
     except Exception as exc:  # MLflow: no such model or alias
         fail(
             f"cannot load the model to serve: {getattr(exc, 'message', exc)} (run `digitflow run` first)"
         )
-    bind_host, bind_port = host or settings.host, port or settings.port
-    log_writer, access = _prediction_log(project, params, bind_host, log)
-    console.print(
-        f"drawing page: http://{bind_host}:{bind_port}/   API docs: http://{bind_host}:{bind_port}/docs"
-    )
-    run_server(holder, settings, bind_host, bind_port, log_writer, access)
+
+
+def worker_app():
+    """The app of one worker process of `digitflow serve --workers N` (a uvicorn factory; the
+    options come from the parent through the environment)."""
+    from ..serving import create_app
+
+    spec = json.loads(os.environ[WORKER_SPEC_ENV])
+    project, params = configured(Path(spec["root"]))
+    holder = _load_model(project, params, spec["model_uri"])
+    log_writer, access = _prediction_log(project, params, spec["host"], spec["log"])
+    return create_app(holder, params.serve, log_writer, access)
 
 
 def _prediction_log(project, params: Params, host: str, wanted: bool):

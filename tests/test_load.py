@@ -1,0 +1,98 @@
+"""Bounded load on a real `digitflow serve`, the way its users would load it: locust, headless.
+
+Small and short (8 clients for a few seconds on the slice champion); it fails on any failed
+request, any 5xx or any answer without one prediction per image, and checks that concurrent
+requests shared model calls.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import requests
+from conftest import REPO, digitflow_serve, venv_env
+
+from digitflow.idx import read_images
+from digitflow.imaging import encode_png
+
+LOCUSTFILE = REPO / "bench" / "locustfile.py"
+CLIENTS = 8
+
+
+@pytest.fixture(scope="module")
+def load_images(tmp_path_factory, mnist_source: Path) -> Path:
+    """64 MNIST test digits as PNG files, dark ink on white like a scan."""
+    folder = tmp_path_factory.mktemp("load-images")
+    digits = read_images(mnist_source / "t10k-images-idx3-ubyte.gz")[:64]
+    for index, digit in enumerate(digits):
+        (folder / f"{index:02d}.png").write_bytes(encode_png(255 - digit))
+    return folder
+
+
+def locust(base: str, images: Path, batch: int, seconds: int, csv: Path) -> pd.Series:
+    """Run locust headless against `base`; its aggregated row (it must exit cleanly)."""
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "locust"),
+            "-f",
+            str(LOCUSTFILE),
+            "--headless",
+            "--only-summary",
+            "-u",
+            str(CLIENTS),
+            "-r",
+            str(CLIENTS),
+            "-t",
+            f"{seconds}s",
+            "--host",
+            base,
+            "--csv",
+            str(csv),
+            "--exit-code-on-error",
+            "1",
+        ],  # fmt: skip
+        env=venv_env({"LOAD_IMAGES": str(images), "LOAD_BATCH": str(batch)}),
+        capture_output=True,
+        text=True,
+        timeout=seconds + 120,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    stats = pd.read_csv(f"{csv}_stats.csv")
+    return stats[stats["Name"] == "Aggregated"].iloc[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch", [1, 16])
+def test_concurrent_requests_share_model_calls_and_none_fails(
+    champion, load_images: Path, tmp_path: Path, batch: int
+) -> None:
+    environment = {"DIGITFLOW_PREDICTION_DB": f"sqlite:///{tmp_path / 'predictions.db'}"}
+    with digitflow_serve(champion.root, environment, name=f"load-{batch}") as (base, _):
+        row = locust(base, load_images, batch, 6, tmp_path / "load")
+        batching = requests.get(f"{base}/health", timeout=10).json()["batching"]
+    assert row["Request Count"] >= 50, row.to_dict()
+    assert row["Failure Count"] == 0, row.to_dict()
+    assert batching["images"] >= row["Request Count"] * batch
+    assert batching["model_calls"] < batching["requests"], batching
+    assert batching["largest_batch"] > batch, batching
+
+
+@pytest.mark.slow
+def test_several_worker_processes_answer_on_one_port(
+    champion, load_images: Path, tmp_path: Path
+) -> None:
+    environment = {"DIGITFLOW_PREDICTION_DB": f"sqlite:///{tmp_path / 'predictions.db'}"}
+    with digitflow_serve(
+        champion.root, environment, name="load-workers", options=("--workers", "2")
+    ) as (base, process):
+        row = locust(base, load_images, 1, 5, tmp_path / "load")
+        children = subprocess.run(
+            ["pgrep", "-P", str(process.pid)], capture_output=True, text=True
+        ).stdout.split()
+    assert row["Failure Count"] == 0, row.to_dict()
+    assert row["Request Count"] >= 50, row.to_dict()
+    assert len(children) >= 2, "uvicorn did not start two worker processes"
