@@ -1,20 +1,23 @@
-"""Served model vs plain `model.predict`: single-image HTTP latency and batch throughput.
+"""`digitflow serve` under concurrent load, and against `mlflow models serve` of the same model.
 
-python bench/serving.py [--requests 300] [--images 2048] [--rounds 3]
+python bench/serving.py [--seconds 20] [--images 256] [--rounds 3]
 
 Trains the default architecture briefly in a fresh clone (inference cost does not depend on how
-long it trained), starts `digitflow serve` on 127.0.0.1, then in the same run measures:
-- latency of POST /predict with one PNG, sequential requests (p50, p90, p99);
-- images/s of POST /predict with batches of serve.max_batch PNGs;
-- images/s of the pyfunc model in-process on the same PNG bytes (preprocessing included);
-- images/s of plain keras `model.predict` on the same images already as 28x28 arrays, per
-  batch and in one call.
-Batch figures alternate between the sides for --rounds rounds; the medians and ratios are written.
+long it trained) and registers it as champion. Then, in the same run, on 127.0.0.1:
+- bounded load with locust (bench/locustfile.py, closed loop, --seconds each, prediction log
+  on): 1 client and 16 clients sending one PNG per request, and 16 clients sending 16 per
+  request; for `digitflow serve` with 1 worker process and with 2. Requests/s, p50 and p99,
+  failures, and how many requests shared a model call (/health);
+- 64-image batches, sequential, the same base64 PNGs as JSON to `digitflow serve` and to
+  `mlflow models serve` of the same registered champion: images/s, alternating for --rounds.
+Ratios: 16-client over 1-client throughput, 16-client p99 over 1-client p50, and digitflow over
+MLflow for 64-image batches.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import socket
@@ -23,8 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-from common import median, project_copy, timed, write_result
+from common import REPO, median, project_copy, timed, write_result
 
 QUICK = {
     "train.epochs": 3,
@@ -32,6 +34,9 @@ QUICK = {
     "data.max_test_samples": 1000,
     "promotion.min_accuracy": 0.5,
 }
+LOCUSTFILE = REPO / "bench" / "locustfile.py"
+BATCH = 64
+LOADS = {"1 client x1": (1, 1), "16 clients x1": (16, 1), "16 clients x16": (16, 16)}
 
 
 def free_port() -> int:
@@ -40,147 +45,239 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(work: Path, port: int, *options: str) -> subprocess.Popen:
-    """`digitflow serve` in `work` on `port` (with extra CLI options), once /health answers."""
+def wait_up(process: subprocess.Popen, url: str, what: str) -> None:
     import requests
 
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    process = subprocess.Popen(
-        ["digitflow", "serve", "--port", str(port), *options],
-        cwd=work,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited {process.returncode}")
         try:
-            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
-                return process
+            if requests.get(url, timeout=2).ok:
+                return
         except requests.ConnectionError:
-            time.sleep(0.5)
+            pass
+        time.sleep(0.5)
     process.kill()
-    raise RuntimeError("digitflow serve did not come up within 120 s")
+    raise RuntimeError(f"{what} did not come up within 180 s")
 
 
-def percentiles(samples: list[float]) -> dict[str, float]:
-    values = np.array(samples) * 1000
-    return {f"p{q}": round(float(np.percentile(values, q)), 2) for q in (50, 90, 99)}
+def start(command: list[str], work: Path, health: str, env: dict | None = None):
+    """Start a server command in `work`; returns the process once `health` answers."""
+    bin_dir = str(Path(sys.executable).parent)
+    environment = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", **(env or {})}
+    process = subprocess.Popen(
+        command, cwd=work, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    wait_up(process, health, command[0])
+    return process
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def locust(base: str, images: Path, users: int, batch: int, seconds: int, csv: Path) -> dict:
+    """One headless locust run; requests/s, latency percentiles (ms) and failures."""
+    import pandas as pd
+
+    bin_dir = Path(sys.executable).parent
+    subprocess.run(
+        [
+            str(bin_dir / "locust"),
+            "-f",
+            str(LOCUSTFILE),
+            "--headless",
+            "--only-summary",
+            "-u",
+            str(users),
+            "-r",
+            str(users),
+            "-t",
+            f"{seconds}s",
+            "--host",
+            base,
+            "--csv",
+            str(csv),
+        ],  # fmt: skip
+        env={**os.environ, "LOAD_IMAGES": str(images), "LOAD_BATCH": str(batch)},
+        capture_output=True,
+        timeout=seconds + 120,
+    )
+    stats = pd.read_csv(f"{csv}_stats.csv")
+    row = stats[stats["Name"] == "Aggregated"].iloc[0]
+    return {
+        "requests": int(row["Request Count"]),
+        "failures": int(row["Failure Count"]),
+        "requests_per_s": round(float(row["Requests/s"]), 1),
+        "images_per_s": round(float(row["Requests/s"]) * batch, 1),
+        "p50_ms": float(row["50%"]),
+        "p99_ms": float(row["99%"]),
+    }
+
+
+def load_figures(work: Path, images: Path, workers: int, seconds: int) -> dict:
+    """The three loads against `digitflow serve --workers N`, warm-up first."""
+    import requests
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = start(
+        ["digitflow", "serve", "--port", str(port), "--workers", str(workers)],
+        work,
+        f"{base}/health",
+    )
+    try:
+        locust(base, images, 4, 1, 3, work / "warm")
+        figures = {}
+        for name, (users, batch) in LOADS.items():
+            before = requests.get(f"{base}/health", timeout=10).json()["batching"]
+            figures[name] = locust(base, images, users, batch, seconds, work / "load")
+            after = requests.get(f"{base}/health", timeout=10).json()["batching"]
+            calls = after["model_calls"] - before["model_calls"]
+            shared = (after["requests"] - before["requests"]) / calls if calls else 0.0
+            figures[name]["requests_per_model_call_one_worker"] = round(shared, 2)
+            print(f"{workers} worker(s), {name}: {json.dumps(figures[name])}", flush=True)
+        return figures
+    finally:
+        stop(server)
+
+
+def batch_rates(work: Path, pngs: list[bytes], rounds: int) -> dict[str, list[float]]:
+    """64-image JSON batches to digitflow serve and to mlflow models serve, alternating."""
+    import requests
+
+    from digitflow.config import load_params, paths
+    from digitflow.inference import champion_uri
+    from digitflow.tracking import tracking_uri
+
+    project = paths(work)
+    params = load_params(project.params)
+    encoded = [base64.b64encode(data).decode() for data in pngs]
+    chunks = [encoded[start : start + BATCH] for start in range(0, len(encoded), BATCH)]
+    ours_port, mlflow_port = free_port(), free_port()
+    ours = start(
+        ["digitflow", "serve", "--port", str(ours_port)],
+        work,
+        f"http://127.0.0.1:{ours_port}/health",
+    )
+    theirs = start(
+        [
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            champion_uri(params),
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(mlflow_port),
+        ],  # fmt: skip
+        work,
+        f"http://127.0.0.1:{mlflow_port}/ping",
+        {"MLFLOW_TRACKING_URI": tracking_uri(project)},
+    )
+    session = requests.Session()
+
+    def ours_call(chunk: list[str]) -> None:
+        answer = session.post(
+            f"http://127.0.0.1:{ours_port}/predict?log=false", json={"images": chunk}
+        )
+        answer.raise_for_status()
+        assert len(answer.json()["predictions"]) == len(chunk)
+
+    def theirs_call(chunk: list[str]) -> None:
+        payload = {"dataframe_split": {"columns": ["image"], "data": [[item] for item in chunk]}}
+        answer = session.post(f"http://127.0.0.1:{mlflow_port}/invocations", json=payload)
+        answer.raise_for_status()
+        assert len(answer.json()["predictions"]) == len(chunk)
+
+    rates: dict[str, list[float]] = {"digitflow_serve": [], "mlflow_models_serve": []}
+    try:
+        for call in (ours_call, theirs_call):  # warm-up
+            for chunk in chunks[:3]:
+                call(chunk)
+        for round_number in range(rounds):
+            for name, call in (
+                ("digitflow_serve", ours_call),
+                ("mlflow_models_serve", theirs_call),
+            ):
+                started = time.perf_counter()
+                for chunk in chunks:
+                    call(chunk)
+                rates[name].append(round(len(encoded) / (time.perf_counter() - started), 1))
+            print(f"64-image batches, round {round_number + 1}: {rates}", flush=True)
+    finally:
+        stop(ours)
+        stop(theirs)
+    return rates
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--requests", type=int, default=300, help="single-image requests")
-    parser.add_argument("--images", type=int, default=2048, help="images per throughput round")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=20, help="seconds of each locust load")
+    parser.add_argument("--images", type=int, default=256, help="distinct test images sent")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of 64-image batches")
     args = parser.parse_args()
 
-    import pandas as pd
-    import requests
-
     work = project_copy("serving", QUICK)
-    env = {"PREFECT_HOME": str(work / ".prefect"), "MLFLOW_TRACKING_URI": ""}
-    timed(["digitflow", "run"], work, env)
+    timed(
+        ["digitflow", "run"], work, {"PREFECT_HOME": str(work / ".prefect"), "PREFECT_API_URL": ""}
+    )
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.chdir(work)
 
-    from digitflow import inference, tracking
     from digitflow.config import load_params, paths
     from digitflow.dataset import load_raw
-    from digitflow.imaging import encode_png, prepare
+    from digitflow.imaging import encode_png
 
     project = paths(work)
-    params = load_params(project.params)
-    tracking.configure(project, params)
-    digits = load_raw(project, params.data)["test"].images[: args.images]
+    digits = load_raw(project, load_params(project.params).data)["test"].images[: args.images]
     pngs = [encode_png(255 - digit) for digit in digits]  # dark ink on white, like a scan
-    arrays = np.stack([prepare(data) for data in pngs])[..., np.newaxis]
-    model = inference.load(inference.champion_uri(params))
-    keras_model = inference.unwrap_keras(model, "")
-    batch = params.serve.max_batch
+    images = work / "load-images"
+    images.mkdir()
+    for index, data in enumerate(pngs):
+        (images / f"{index:04d}.png").write_bytes(data)
 
-    port = free_port()
-    server = start_server(work, port)
-    url = f"http://127.0.0.1:{port}/predict"
-    session = requests.Session()
-    try:
-        for data in pngs[:20]:  # warm-up
-            session.post(url, files={"file": ("d.png", data)}).raise_for_status()
-        latencies = []
-        for data in pngs[: args.requests]:
-            started = time.perf_counter()
-            session.post(url, files={"file": ("d.png", data)}).raise_for_status()
-            latencies.append(time.perf_counter() - started)
-
-        rates: dict[str, list[float]] = {
-            "http_batch": [],
-            "pyfunc_bytes": [],
-            "keras_arrays": [],
-            "keras_one_call": [],
-        }
-        for round_number in range(args.rounds):
-            started = time.perf_counter()
-            for start in range(0, len(pngs), batch):
-                files = [
-                    ("file", (f"{i}.png", d)) for i, d in enumerate(pngs[start : start + batch])
-                ]
-                session.post(url, files=files).raise_for_status()
-            rates["http_batch"].append(len(pngs) / (time.perf_counter() - started))
-
-            started = time.perf_counter()
-            for start in range(0, len(pngs), batch):
-                model.predict(pd.DataFrame({"image": pngs[start : start + batch]}))
-            rates["pyfunc_bytes"].append(len(pngs) / (time.perf_counter() - started))
-
-            started = time.perf_counter()
-            for start in range(0, len(arrays), batch):
-                keras_model.predict(arrays[start : start + batch], verbose=0)
-            rates["keras_arrays"].append(len(arrays) / (time.perf_counter() - started))
-
-            started = time.perf_counter()
-            keras_model.predict(arrays, batch_size=batch, verbose=0)
-            rates["keras_one_call"].append(len(arrays) / (time.perf_counter() - started))
-            print(
-                f"round {round_number + 1}: "
-                + json.dumps({k: round(v[-1]) for k, v in rates.items()})
-            )
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-
-    medians = {name: round(median(values), 1) for name, values in rates.items()}
+    loads = {
+        f"{workers}_worker": load_figures(work, images, workers, args.seconds) for workers in (1, 2)
+    }
+    rates = batch_rates(work, pngs, args.rounds)
+    medians = {name: median(values) for name, values in rates.items()}
+    ratios = {}
+    for key, figures in loads.items():
+        one, many = figures["1 client x1"], figures["16 clients x1"]
+        ratios[f"{key}_16_over_1_client_throughput"] = round(
+            many["requests_per_s"] / one["requests_per_s"], 2
+        )
+        ratios[f"{key}_16_client_p99_over_1_client_p50"] = round(many["p99_ms"] / one["p50_ms"], 2)
+    ratios["batch64_digitflow_over_mlflow"] = round(
+        medians["digitflow_serve"] / medians["mlflow_models_serve"], 2
+    )
     figures = {
         "settings": {
-            "requests": args.requests,
+            "seconds_per_load": args.seconds,
             "images": len(pngs),
-            "batch": batch,
+            "batch": BATCH,
             "rounds": args.rounds,
+            "serve": load_params(project.params).serve.model_dump(),
         },
-        "single_image_latency_ms": percentiles(latencies),
-        "images_per_second": {
-            name: [round(v, 1) for v in values] for name, values in rates.items()
-        },
-        "median_images_per_second": medians,
-        "ratios": {
-            "http_batch_over_keras": round(medians["http_batch"] / medians["keras_arrays"], 3),
-            "pyfunc_over_keras": round(medians["pyfunc_bytes"] / medians["keras_arrays"], 3),
-            "http_batch_over_keras_one_call": round(
-                medians["http_batch"] / medians["keras_one_call"], 3
-            ),
-        },
+        "load": loads,
+        "failed_requests": sum(f["failures"] for load in loads.values() for f in load.values()),
+        "batch64_images_per_second": rates,
+        "batch64_median_images_per_second": medians,
+        "ratios": ratios,
     }
     write_result("serving", figures)
-    print(
-        json.dumps(
-            {
-                k: figures[k]
-                for k in ("single_image_latency_ms", "median_images_per_second", "ratios")
-            },
-            indent=2,
-        )
-    )
+    print(json.dumps({"ratios": ratios, "failed_requests": figures["failed_requests"]}, indent=2))
 
 
 if __name__ == "__main__":
