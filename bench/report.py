@@ -84,16 +84,26 @@ def table() -> str:
             f"| `{validation['file']}` ({machine_of(validation)}) |"
         )
     serving = newest("serving")
-    if serving:
-        latency, rates = serving["single_image_latency_ms"], serving["median_images_per_second"]
+    if serving and "load" in serving:
+        where = f"| `python bench/serving.py` | `{serving['file']}` ({machine_of(serving)}) |"
+        for workers in ("1_worker", "2_worker"):
+            load, ratios = serving["load"][workers], serving["ratios"]
+            one, many = load["1 client x1"], load["16 clients x1"]
+            rows.append(
+                f"| `digitflow serve`, {workers.replace('_', ' ')}(s): 16 clients / 1 client, one "
+                f"image per request | {ratios[f'{workers}_16_over_1_client_throughput']:.2f}x "
+                f"({many['requests_per_s']:.0f} / {one['requests_per_s']:.0f} requests/s); p99 at 16 "
+                f"clients {many['p99_ms']:.0f} ms = "
+                f"{ratios[f'{workers}_16_client_p99_over_1_client_p50']:.1f}x the 1-client p50 "
+                f"({one['p50_ms']:.0f} ms); {serving['failed_requests']} failed requests "
+                + (where if workers == "1_worker" else "| same | same |")
+            )
+        rates = serving["batch64_median_images_per_second"]
         rows.append(
-            f"| served model: one image over HTTP | p50 {latency['p50']:.1f} ms, p99 {latency['p99']:.1f} ms "
-            f"| `python bench/serving.py` | `{serving['file']}` ({machine_of(serving)}) |"
-        )
-        rows.append(
-            f"| served model: batches of {serving['settings']['batch']} over HTTP / plain `model.predict` per batch "
-            f"| {serving['ratios']['http_batch_over_keras']:.2f} ({rates['http_batch']:.0f} / {rates['keras_arrays']:.0f} images/s; "
-            f"pyfunc in-process {rates['pyfunc_bytes']:.0f}, one `predict` call over all {rates['keras_one_call']:.0f}) | same | same |"
+            f"| 64-image batches: `digitflow serve` / `mlflow models serve`, same model "
+            f"| {serving['ratios']['batch64_digitflow_over_mlflow']:.2f}x "
+            f"({rates['digitflow_serve']:.0f} / {rates['mlflow_models_serve']:.0f} images/s) "
+            "| same | same |"
         )
     logging = newest("prediction-log")
     if logging:

@@ -1,17 +1,19 @@
 """Dynamic batching for the server: concurrent requests' images go through the model together.
 
-Each request prepares its images (in a worker thread) and hands them to a `Batcher`, which waits
-at most `wait_s` after the first one for others, then makes one model call for up to
-`max_images` images and gives each request its own rows back. Requests that arrive while the
-model is busy form the next batch, so under load the model runs back to back on full batches
-while a lone request waits only the short window.
+Each request announces itself (`coming`), prepares its images off the event loop and hands them
+to a `Batcher`. The batcher waits at most `wait_s` after the first one for others, then makes one
+model call for up to `max_images` images and gives each request its own rows back. A lone
+request (no other on its way, and the last call served one request) is sent at once, without
+waiting; requests that arrive while the model is busy form the next batch, so under load the
+model runs back to back on full batches.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import anyio
@@ -65,6 +67,17 @@ class Batcher:
         self.stats = BatchStats()
         self._queue: asyncio.Queue[_Pending] | None = None
         self._task: asyncio.Task | None = None
+        self._coming = 0  # requests being prepared, not yet handed over
+        self._alone = True  # the last model call served one request: no concurrent load
+
+    @contextmanager
+    def coming(self) -> Iterator[None]:
+        """Around a request's preparation: the batcher waits for it rather than send without."""
+        self._coming += 1
+        try:
+            yield
+        finally:
+            self._coming -= 1
 
     def start(self) -> None:
         """Start gathering (on the running event loop)."""
@@ -93,7 +106,7 @@ class Batcher:
             try:
                 if self._queue.empty():
                     left = deadline - time.monotonic()
-                    if left <= 0:
+                    if left <= 0 or (self._coming == 0 and self._alone):
                         break
                     pending = await asyncio.wait_for(self._queue.get(), left)
                 else:
@@ -121,6 +134,7 @@ class Batcher:
                         pending.answer.set_exception(exc)
                 continue
             self.stats.record(len(batch), len(images))
+            self._alone = len(batch) == 1
             start = 0
             for pending in batch:
                 stop = start + len(pending.images)

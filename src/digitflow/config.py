@@ -127,6 +127,7 @@ class ServeParams(_Strict):
     max_batch: int = Field(ge=1)
     max_request_pixels: int = Field(ge=784)
     decode_threads: int = Field(ge=1)
+    decode_processes: int = Field(ge=0)
     batch_wait_ms: float = Field(ge=0, le=1000)
     batch_max_images: int = Field(ge=1)
     workers: int = Field(ge=1)

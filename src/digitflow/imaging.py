@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -203,3 +204,16 @@ def encode_png(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.asarray(pixels, dtype=np.uint8)).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def prepare_batch(images: Sequence[bytes], ink: InkSettings) -> tuple[np.ndarray, list[str]]:
+    """Encoded images -> model input (n, 28, 28, 1) and one error message per image ('' = fine)."""
+    batch = np.zeros((len(images), 28, 28, 1), dtype=np.float32)
+    errors = []
+    for index, data in enumerate(images):
+        try:
+            batch[index, ..., 0] = prepare(data, ink)
+            errors.append("")
+        except ImageError as exc:
+            errors.append(str(exc))
+    return batch, errors

@@ -23,7 +23,7 @@ from mlflow.types import ColSpec, Schema
 import mlflow
 
 from .config import NUM_CLASSES, Params
-from .imaging import ImageError, InkSettings, ink_settings, prepare
+from .imaging import InkSettings, ink_settings, prepare_batch
 
 IMAGE_COLUMN = "image"
 PROBABILITY_COLUMNS = [f"p{digit}" for digit in range(NUM_CLASSES)]
@@ -41,19 +41,6 @@ SIGNATURE = ModelSignature(
         ]
     ),
 )
-
-
-def prepare_batch(images: Sequence[bytes], ink: InkSettings) -> tuple[np.ndarray, list[str]]:
-    """Encoded images -> model input (n, 28, 28, 1) and one error message per image ('' = fine)."""
-    batch = np.zeros((len(images), 28, 28, 1), dtype=np.float32)
-    errors = []
-    for index, data in enumerate(images):
-        try:
-            batch[index, ..., 0] = prepare(data, ink)
-            errors.append("")
-        except ImageError as exc:
-            errors.append(str(exc))
-    return batch, errors
 
 
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

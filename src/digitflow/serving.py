@@ -13,12 +13,16 @@ import base64
 import binascii
 import hmac
 import ipaddress
+import multiprocessing
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib.resources import files
+from pathlib import Path
 from typing import Any, Literal
 
 import anyio
@@ -31,7 +35,7 @@ from starlette.concurrency import run_in_threadpool
 from . import inference, predictionlog
 from .batching import Batcher
 from .config import ServeParams
-from .imaging import InkSettings, pixel_count
+from .imaging import InkSettings, pixel_count, prepare_batch
 from .predictionlog import CorrectionSettled, LogWriter, UnknownPrediction
 
 PAGE = "static/draw.html"
@@ -117,6 +121,24 @@ class FixedModel:
     def start(self) -> None: ...
 
     def stop(self) -> None: ...
+
+
+def decoding_processes(count: int) -> ProcessPoolExecutor | None:
+    """`count` processes that decode and prepare images (None for 0), started before the first
+    request. They are spawned: they import only the imaging code, not TensorFlow."""
+    if count == 0:
+        return None
+    # A loaded MLflow model puts its own copy of this package first on sys.path, which spawned
+    # processes inherit: put the running package's folder before it while they start.
+    package_parent = str(Path(__file__).resolve().parent.parent)
+    sys.path.insert(0, package_parent)
+    try:
+        pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn"))
+        for started in [pool.submit(prepare_batch, [], InkSettings()) for _ in range(count)]:
+            started.result()
+    finally:
+        sys.path.remove(package_parent)
+    return pool
 
 
 def bounded_batch(max_batch: int) -> type[BaseModel]:
@@ -350,18 +372,23 @@ def create_app(
     batch_model = bounded_batch(limits.max_batch)
     decoding = anyio.CapacityLimiter(limits.decode_threads)
     batcher = Batcher(limits.batch_max_images, limits.batch_wait_ms / 1000)
+    processes: ProcessPoolExecutor | None = None
     access = access or FeedbackAccess(token=None, loopback=True, rate_limit="30/minute")
     rate, limiter = _rate_limiter(access.rate_limit)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        nonlocal processes
         holder.start()
         batcher.start()
+        processes = await run_in_threadpool(decoding_processes, limits.decode_processes)
         if log is not None:
             log.start()
         yield
         await batcher.stop()
         holder.stop()
+        if processes is not None:
+            processes.shutdown(cancel_futures=True)
         if log is not None:
             await run_in_threadpool(log.stop)
 
@@ -393,10 +420,8 @@ def create_app(
             "prediction_log": log_health,
         }
 
-    def prepared(
-        items: list[tuple[str | None, bytes]], served: Served
-    ) -> tuple[np.ndarray, list[str]]:
-        """Check the request's pixel budget from the headers, then decode and prepare."""
+    def checked(items: list[tuple[str | None, bytes]]) -> list[bytes]:
+        """The request's image bytes, once its pixel budget (from the headers) is checked."""
         pixels = sum(pixel_count(data) for _, data in items)
         if pixels > limits.max_request_pixels:
             raise HTTPException(
@@ -404,7 +429,28 @@ def create_app(
                 f"{pixels:,} pixels in {len(items)} images; at most "
                 f"{limits.max_request_pixels:,} per request",
             )
-        return served.scorer.prepare([data for _, data in items])
+        return [data for _, data in items]
+
+    async def prepared(
+        items: list[tuple[str | None, bytes]], served: Served
+    ) -> tuple[np.ndarray, list[str]]:
+        """Decode and prepare a request's images off the event loop: one image in a thread,
+        several split across the decoding processes (Python's lock would serialise threads)."""
+        ink = served.scorer.ink
+        if processes is None or len(items) == 1:
+            return await anyio.to_thread.run_sync(
+                lambda: prepare_batch(checked(items), ink), limiter=decoding
+            )
+        images = await anyio.to_thread.run_sync(checked, items, limiter=decoding)
+        loop = asyncio.get_running_loop()
+        share = -(-len(images) // limits.decode_processes)
+        parts = await asyncio.gather(
+            *(
+                loop.run_in_executor(processes, prepare_batch, images[start : start + share], ink)
+                for start in range(0, len(images), share)
+            )
+        )
+        return np.concatenate([batch for batch, _ in parts]), [e for _, part in parts for e in part]
 
     def logged_ids(
         request: Request,
@@ -443,9 +489,10 @@ def create_app(
     )
     async def predict(request: Request) -> PredictResponse:
         started = time.perf_counter()
-        items = await _read_images(request, limits, batch_model)
-        served = holder.served
-        inputs, errors = await anyio.to_thread.run_sync(prepared, items, served, limiter=decoding)
+        with batcher.coming():  # from here until its images are handed to the batcher
+            items = await _read_images(request, limits, batch_model)
+            served = holder.served
+            inputs, errors = await prepared(items, served)
         for index, (filename, _) in enumerate(items):
             if errors[index]:
                 raise HTTPException(422, f"{_label(index, filename)}: {errors[index]}")
@@ -554,7 +601,6 @@ def serve_workers(factory: str, limits: ServeParams, host: str, port: int, worke
     """Replace this process with uvicorn running `workers` processes on one port; each builds
     its app with `factory` (an import string of a function returning the app)."""
     import os
-    import sys
 
     arguments = [
         sys.executable, "-m", "uvicorn", "--factory", factory,
