@@ -1,7 +1,10 @@
-"""Test accuracy and training time of an architecture over several seeds.
+"""Test accuracy and training time of an architecture over several seeds, against the tutorial.
 
-Each seed trains through the pipeline's own stages (`digitflow preprocess/train/evaluate`)
-in a scratch copy of the project; the test set is used only for the final score.
+First the plain tutorial script (bench/plain_tutorial.py, 10 epochs) runs in the same scratch
+copy as the reference; then each seed trains through the pipeline's own stages (`digitflow
+preprocess/train/evaluate`). The test set is used only for the final score. Written: each seed's
+test accuracy, training time and CPU utilisation over the fit, and the ratio of the mean (and
+the longest) training time to the tutorial's fit time.
 
     python bench/accuracy.py --preset digit_cnn --seeds 1 2 3
     python bench/accuracy.py --preset seed_cnn --seeds 1 2 3
@@ -14,7 +17,7 @@ import json
 import statistics
 
 import yaml
-from common import apply_params, project_copy, timed, write_result
+from common import REPO, apply_params, project_copy, timed, write_result
 
 PRESETS = {
     # the params.yaml defaults
@@ -49,6 +52,15 @@ def main() -> None:
     overrides = {**PRESETS[args.preset], **parse_set(args.overrides)}
     work = project_copy(f"accuracy-{args.preset}", overrides)
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
+    _, reference_output = timed(
+        ["python", str(REPO / "bench" / "plain_tutorial.py"), str(work / "data" / "mnist")], work
+    )
+    reference = next(
+        json.loads(line)
+        for line in reversed(reference_output.splitlines())
+        if line.startswith("{") and "fit_seconds" in line
+    )
+    print(f"plain tutorial script: {json.dumps(reference)}", flush=True)
     timed(["digitflow", "preprocess"], work)
     runs = []
     for seed in args.seeds:
@@ -62,6 +74,7 @@ def main() -> None:
                 "seed": seed,
                 "test_accuracy": scored["test_accuracy"],
                 "train_seconds": trained["train_seconds"],
+                "cpu_utilisation": trained["cpu_utilisation"],
                 "train_command_seconds": round(train_wall, 2),
                 "epochs_run": trained["epochs_run"],
                 "best_val_accuracy": trained["best_val_accuracy"],
@@ -78,6 +91,11 @@ def main() -> None:
         "test_accuracy_std": statistics.stdev(accuracies) if len(runs) > 1 else 0.0,
         "train_seconds_mean": statistics.mean(seconds),
         "train_seconds_max": max(seconds),
+        "cpu_utilisation_mean": statistics.mean(r["cpu_utilisation"] for r in runs),
+        "tutorial_reference": reference,
+        "ratio_train_seconds_mean_over_tutorial_fit": statistics.mean(seconds)
+        / reference["fit_seconds"],
+        "ratio_train_seconds_max_over_tutorial_fit": max(seconds) / reference["fit_seconds"],
     }
     write_result(f"accuracy-{args.preset}", summary)
     print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=2))

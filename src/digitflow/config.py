@@ -103,6 +103,7 @@ class TrainParams(_Strict):
     seed: int
     deterministic: bool
     batchnorm_batches: int = Field(ge=0)
+    steps_per_execution: int = Field(ge=1)
 
 
 class MlflowParams(_Strict):

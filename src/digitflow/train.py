@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -152,6 +153,7 @@ class Fitted:
     history: pd.DataFrame
     seconds: float
     replicas: int
+    cpu_utilisation: float  # this process's CPU time over the fit / (wall time x cores)
 
 
 def fit_model(params: Params, fit: Arrays, val: Arrays, run_id: str, verbose: int = 2) -> Fitted:
@@ -167,8 +169,9 @@ def fit_model(params: Params, fit: Arrays, val: Arrays, run_id: str, verbose: in
             optimizer=optimizer(settings, math.ceil(len(fit.y) / settings.batch_size)),
             loss="sparse_categorical_crossentropy",
             metrics=["accuracy"],
+            steps_per_execution=settings.steps_per_execution,
         )
-    started = time.perf_counter()
+    started, cpu_before = time.perf_counter(), _cpu_seconds()
     history = model.fit(
         inputs.training_dataset(fit, settings.batch_size, settings.seed, params.model),
         epochs=settings.epochs,
@@ -192,8 +195,21 @@ def fit_model(params: Params, fit: Arrays, val: Arrays, run_id: str, verbose: in
             f"the loss became NaN in epoch {len(frame)}; training stopped and nothing was "
             "saved or registered (try a lower train.learning_rate)"
         )
+    fit_seconds, fit_cpu = time.perf_counter() - started, _cpu_seconds() - cpu_before
     recalibrate(model, fit.x, settings.batch_size, settings.batchnorm_batches)
-    return Fitted(model, frame, time.perf_counter() - started, strategy.num_replicas_in_sync)
+    return Fitted(
+        model,
+        frame,
+        time.perf_counter() - started,
+        strategy.num_replicas_in_sync,
+        fit_cpu / (fit_seconds * len(os.sched_getaffinity(0))),
+    )
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds this process has used, all threads, user and system."""
+    times = os.times()
+    return times.user + times.system
 
 
 def train(paths: Paths, params: Params) -> TrainResult:
@@ -229,6 +245,7 @@ def train(paths: Paths, params: Params) -> TrainResult:
             "best_val_accuracy": float(frame["val_accuracy"][best_epoch]),
             "best_val_loss": float(frame["val_loss"][best_epoch]),
             "train_seconds": round(fitted.seconds, 2),
+            "cpu_utilisation": round(fitted.cpu_utilisation, 3),
         }
         mlflow.log_metrics(metrics)
         with writing(paths.reports):
