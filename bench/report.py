@@ -1,8 +1,9 @@
-"""The results table of docs/benchmarks.md, made from the newest JSON file of each benchmark.
+"""The results table of docs/benchmarks.md and the README's timings, made from the newest JSON
+file of each benchmark.
 
-python bench/report.py            # print the table
-python bench/report.py --write    # put it into docs/benchmarks.md (between the markers)
-python bench/report.py --check    # exit 1 when docs/benchmarks.md holds another table
+python bench/report.py            # print the table and the README's timings
+python bench/report.py --write    # put them into docs/benchmarks.md and README.md (between markers)
+python bench/report.py --check    # exit 1 when either holds something else
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from common import REPO, RESULTS
 
 DOC = REPO / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- results:begin (bench/report.py --write) -->", "<!-- results:end -->"
+README = REPO / "README.md"
+README_BEGIN = "<!-- timings:begin (bench/report.py --write) -->"
+README_END = "<!-- timings:end -->"
 
 
 def newest(prefix: str) -> dict | None:
@@ -37,10 +41,18 @@ def table() -> str:
         result = newest(f"accuracy-{preset}")
         if result:
             runs = len(result["runs"])
+            against = ""
+            if "tutorial_reference" in result:
+                against = (
+                    f" = {result['ratio_train_seconds_mean_over_tutorial_fit']:.2f}x the plain "
+                    f"tutorial's 10-epoch fit ({result['tutorial_reference']['fit_seconds']:.0f} s, "
+                    f"same run); CPU utilisation over the fit "
+                    f"{100 * result['cpu_utilisation_mean']:.0f}%"
+                )
             rows.append(
                 f"| `{preset}` test accuracy ({runs} seeds) | {result['test_accuracy_mean']:.4f} ± "
                 f"{result['test_accuracy_std']:.4f}; training {result['train_seconds_mean']:.0f} s mean, "
-                f"{result['train_seconds_max']:.0f} s max "
+                f"{result['train_seconds_max']:.0f} s max{against} "
                 f"| `python bench/accuracy.py --preset {preset} --seeds 1 2 3` | `{result['file']}` ({machine_of(result)}) |"
             )
     overhead = newest("overhead")
@@ -144,24 +156,53 @@ def table() -> str:
     return "\n".join(rows) + "\n"
 
 
-def with_table(document: str, rows: str) -> str:
+def readme_timings() -> str:
+    """The README's timings: training and serving, from the newest result files."""
+    lines = []
+    accuracy = newest("accuracy-digit_cnn")
+    if accuracy and "tutorial_reference" in accuracy:
+        machine = accuracy["machine"]
+        lines.append(
+            f"Training the default `digit_cnn` on {machine['cpu']} ({machine['cpus']} cores): "
+            f"{accuracy['train_seconds_mean'] / 60:.1f} minutes on average over "
+            f"{len(accuracy['runs'])} seeds, {accuracy['ratio_train_seconds_mean_over_tutorial_fit']:.1f}x "
+            f"the plain tutorial script's 10 epochs in the same run, for "
+            f"{accuracy['test_accuracy_mean']:.4f} test accuracy (`bench/results/{accuracy['file']}`)."
+        )
+    serving = newest("serving")
+    if serving and "load" in serving:
+        one = serving["load"]["1_worker"]["1 client x1"]
+        many = serving["load"]["1_worker"]["16 clients x1"]
+        lines.append(
+            f"`digitflow serve` on {serving['machine']['cpu']}: one image in {one['p50_ms']:.0f} ms "
+            f"(p50, one client); {many['requests_per_s']:.0f} requests/s from 16 concurrent "
+            f"clients (`bench/results/{serving['file']}`)."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def with_table(document: str, rows: str, begin: str = BEGIN, end: str = END) -> str:
     """document with the text between the markers replaced by rows."""
-    head, rest = document.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n{rows}{END}{tail}"
+    head, rest = document.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{rows}{end}{tail}"
 
 
 def main(argv: list[str]) -> int:
-    rows = table()
-    if "--write" in argv:
-        DOC.write_text(with_table(DOC.read_text(), rows))
-    elif "--check" in argv:
-        if with_table(DOC.read_text(), rows) != DOC.read_text():
-            print(f"{DOC} is stale: run `python bench/report.py --write`")
-            return 1
-    else:
-        print(rows, end="")
-    return 0
+    targets = [(DOC, table(), BEGIN, END), (README, readme_timings(), README_BEGIN, README_END)]
+    stale = 0
+    for document, text, begin, end in targets:
+        current = document.read_text()
+        wanted = with_table(current, text, begin, end)
+        if "--write" in argv:
+            document.write_text(wanted)
+        elif "--check" in argv:
+            if wanted != current:
+                print(f"{document} is stale: run `python bench/report.py --write`")
+                stale = 1
+        else:
+            print(text)
+    return stale
 
 
 if __name__ == "__main__":
