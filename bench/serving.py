@@ -140,7 +140,8 @@ def load_figures(work: Path, images: Path, workers: int, seconds: int) -> dict:
             after = requests.get(f"{base}/health", timeout=10).json()["batching"]
             calls = after["model_calls"] - before["model_calls"]
             shared = (after["requests"] - before["requests"]) / calls if calls else 0.0
-            figures[name]["requests_per_model_call_one_worker"] = round(shared, 2)
+            # with several workers, /health answers from any one of them: no difference to take
+            figures[name]["requests_per_model_call"] = round(shared, 2) if workers == 1 else None
             print(f"{workers} worker(s), {name}: {json.dumps(figures[name])}", flush=True)
         return figures
     finally:
