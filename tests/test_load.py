@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -96,3 +97,34 @@ def test_several_worker_processes_answer_on_one_port(
     assert row["Failure Count"] == 0, row.to_dict()
     assert row["Request Count"] >= 50, row.to_dict()
     assert len(children) >= 2, "uvicorn did not start two worker processes"
+
+
+@pytest.mark.slow
+def test_a_killed_decoding_process_is_replaced_and_no_request_fails(
+    champion, load_images: Path, tmp_path: Path
+) -> None:
+    """A real fault: SIGKILL one of the server's decoding processes, as the OOM killer would."""
+    import os
+    import signal
+
+    files = [("file", (path.name, path.read_bytes())) for path in sorted(load_images.iterdir())]
+    with digitflow_serve(champion.root, name="killed-decoder") as (base, process):
+        before = requests.post(f"{base}/predict?log=false", files=files[:8], timeout=30)
+        decoders = subprocess.run(
+            ["pgrep", "-P", str(process.pid), "-f", "spawn_main"], capture_output=True, text=True
+        ).stdout.split()
+        assert decoders, "no decoding process found"
+        os.kill(int(decoders[0]), signal.SIGKILL)
+        time.sleep(1)
+        answers = [
+            requests.post(f"{base}/predict?log=false", files=files[:8], timeout=30)
+            for _ in range(3)
+        ]
+        health = requests.get(f"{base}/health", timeout=10)
+    assert before.status_code == 200
+    assert [answer.status_code for answer in answers] == [200, 200, 200]
+    assert [p["digit"] for p in answers[0].json()["predictions"]] == [
+        p["digit"] for p in before.json()["predictions"]
+    ]
+    assert health.json()["status"] == "ok"
+    assert "a decoding process died" in (champion.root / "killed-decoder.log").read_text()

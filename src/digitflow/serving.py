@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib.resources import files
@@ -373,6 +374,7 @@ def create_app(
     decoding = anyio.CapacityLimiter(limits.decode_threads)
     batcher = Batcher(limits.batch_max_images, limits.batch_wait_ms / 1000)
     processes: ProcessPoolExecutor | None = None
+    replacing = asyncio.Lock()
     access = access or FeedbackAccess(token=None, loopback=True, rate_limit="30/minute")
     rate, limiter = _rate_limiter(access.rate_limit)
 
@@ -444,13 +446,27 @@ def create_app(
         images = await anyio.to_thread.run_sync(checked, items, limiter=decoding)
         loop = asyncio.get_running_loop()
         share = -(-len(images) // limits.decode_processes)
-        parts = await asyncio.gather(
-            *(
-                loop.run_in_executor(processes, prepare_batch, images[start : start + share], ink)
-                for start in range(0, len(images), share)
+        pool = processes
+        try:
+            parts = await asyncio.gather(
+                *(
+                    loop.run_in_executor(pool, prepare_batch, images[start : start + share], ink)
+                    for start in range(0, len(images), share)
+                )
             )
-        )
+        except BrokenProcessPool:  # a decoding process died (killed, out of memory)
+            await replace_decoding_processes(pool)
+            return await anyio.to_thread.run_sync(prepare_batch, images, ink, limiter=decoding)
         return np.concatenate([batch for batch, _ in parts]), [e for _, part in parts for e in part]
+
+    async def replace_decoding_processes(broken: ProcessPoolExecutor) -> None:
+        """Start a new pool in place of a broken one (once, however many requests saw it)."""
+        nonlocal processes
+        async with replacing:
+            if processes is broken:
+                print("a decoding process died: starting new ones", flush=True)
+                processes.shutdown(wait=False, cancel_futures=True)
+                processes = await run_in_threadpool(decoding_processes, limits.decode_processes)
 
     def logged_ids(
         request: Request,
