@@ -14,7 +14,7 @@ import asyncio
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import anyio
 import numpy as np
@@ -39,14 +39,12 @@ class BatchStats:
     images: int = 0
     requests: int = 0
     largest: int = 0
-    sizes: dict[int, int] = field(default_factory=dict)
 
     def record(self, requests: int, images: int) -> None:
         self.calls += 1
         self.requests += requests
         self.images += images
         self.largest = max(self.largest, images)
-        self.sizes[requests] = self.sizes.get(requests, 0) + 1
 
     def to_dict(self) -> dict:
         """For /health: calls, requests and images so far, and how many requests shared a call."""
