@@ -19,7 +19,7 @@ set_environment_defaults()
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 
-from digitflow import card, feedback, inbox, locking, pipeline, stages  # noqa: E402
+from digitflow import feedback, inbox, locking, pipeline, stages  # noqa: E402
 from digitflow import ingest as ingestion  # noqa: E402
 
 
@@ -114,6 +114,8 @@ def publish_artifacts(root: str) -> None:
     """The run's summary (data version, accuracies, the decision with its p-value, links to the
     MLflow run and version) and per-class metrics, as artifacts in the Prefect UI."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from digitflow import card  # here, not at the top: pandas would slow every no-op run
 
     project = paths(Path(root))
     summary, per_class = card.run_artifacts(project, load_params(project.params))

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import train_test_split
 
 from .config import Params, Paths
 from .dataset import Split, image_frame, load_raw, pixel_hashes, stored_batches
@@ -331,6 +330,8 @@ def holdout_mask(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """Which images of a batch form its `recent` holdout: floor(fraction * n) of them, drawn
     with `seed`, stratified by label when every class present has two images and both parts
     can hold one of each (otherwise a plain seeded draw). The same inputs give the same mask."""
+    from sklearn.model_selection import train_test_split  # here: sklearn takes 0.9 s to import
+
     count = int(np.floor(len(labels) * fraction))
     mask = np.zeros(len(labels), dtype=bool)
     if count == 0:
