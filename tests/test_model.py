@@ -183,3 +183,52 @@ def test_training_time_is_forecast_from_the_first_epoch(
     line = forecast(first_epoch_s, epochs)
     assert f"first epoch took {first_epoch_s:.1f} s" in line
     assert expected in line
+
+
+@pytest.mark.parametrize(
+    ("setting", "flags", "expected"),
+    [
+        ("auto", {"avx512f", "avx2"}, "float32"),  # no bfloat16 in hardware
+        ("auto", {"avx512f", "amx_bf16", "amx_tile"}, "bfloat16"),
+        ("auto", {"avx512_bf16"}, "bfloat16"),
+        ("float32", {"amx_bf16"}, "float32"),
+        ("bfloat16", set(), "bfloat16"),
+    ],
+)
+def test_precision_follows_the_cpu_flags_only_when_auto(setting, flags, expected) -> None:
+    from digitflow.precision import resolve
+
+    assert resolve(setting, frozenset(flags)) == expected
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path) -> None:
+    from digitflow.precision import cpu_flags
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu avx512f amx_bf16\n")
+    assert cpu_flags(cpuinfo) == {"fpu", "avx512f", "amx_bf16"}
+    assert cpu_flags(tmp_path / "missing") == frozenset()
+
+
+def test_bfloat16_training_computes_in_bfloat16_and_answers_in_float32(params) -> None:
+    """A model built under train.precision=bfloat16 runs its layers in bfloat16 with float32
+    weights, gives float32 probabilities, learns, and leaves the global policy as it was."""
+    import keras
+
+    from digitflow.model import build_model
+    from digitflow.precision import keras_policy
+
+    with keras_policy("bfloat16"):
+        model = build_model(params.model)
+    assert keras.mixed_precision.global_policy().name == "float32"
+    assert model.layers[0].compute_dtype == "bfloat16"
+    assert model.layers[0].kernel.dtype == "float32"
+    rng = np.random.default_rng(0)
+    x = rng.random((256, 28, 28, 1), dtype=np.float32)
+    y = (x[:, :14].mean(axis=(1, 2, 3)) > x[:, 14:].mean(axis=(1, 2, 3))).astype(np.int32)
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    history = model.fit(x, y, batch_size=64, epochs=3, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    probabilities = model.predict(x[:4], verbose=0)
+    assert probabilities.dtype == np.float32
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)

@@ -104,6 +104,7 @@ class TrainParams(_Strict):
     deterministic: bool
     batchnorm_batches: int = Field(ge=0)
     steps_per_execution: int = Field(ge=1)
+    precision: Literal["auto", "float32", "bfloat16"]
 
 
 class MlflowParams(_Strict):

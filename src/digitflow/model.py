@@ -10,6 +10,9 @@ from keras import layers
 from .config import IMAGE_SIZE, NUM_CLASSES, ModelParams
 
 INPUT_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 1)
+# The output layer computes in float32 whatever the precision (precision.py): probabilities
+# and the loss need its range.
+OUTPUT_DTYPE = "float32"
 
 
 def seed_cnn(params: ModelParams) -> keras.Model:
@@ -23,7 +26,7 @@ def seed_cnn(params: ModelParams) -> keras.Model:
             layers.MaxPooling2D((2, 2)),
             layers.Flatten(),
             layers.Dense(128, activation="relu"),
-            layers.Dense(NUM_CLASSES, activation="softmax"),
+            layers.Dense(NUM_CLASSES, activation="softmax", dtype=OUTPUT_DTYPE),
         ],
         name="seed_cnn",
     )
@@ -56,7 +59,7 @@ def digit_cnn(params: ModelParams) -> keras.Model:
             layers.BatchNormalization(momentum=0.9),
             layers.Activation("relu"),
             layers.Dropout(params.dropout),
-            layers.Dense(NUM_CLASSES, activation="softmax"),
+            layers.Dense(NUM_CLASSES, activation="softmax", dtype=OUTPUT_DTYPE),
         ],
         name="digit_cnn",
     )

@@ -15,12 +15,13 @@ import keras
 import numpy as np
 import pandas as pd
 
-from . import inference, inputs, plots, tracking
+from . import inference, inputs, plots, precision, tracking
 from .batchnorm import recalibrate
 from .config import Params, Paths, TrainParams
 from .contract import StageResult
 from .errors import DigitflowError
 from .model import build_model
+from .precision import Precision
 from .preprocess import Arrays, load_split
 
 
@@ -154,6 +155,7 @@ class Fitted:
     seconds: float
     replicas: int
     cpu_utilisation: float  # this process's CPU time over the fit / (wall time x cores)
+    precision: Precision
 
 
 def fit_model(params: Params, fit: Arrays, val: Arrays, run_id: str, verbose: int = 2) -> Fitted:
@@ -163,7 +165,8 @@ def fit_model(params: Params, fit: Arrays, val: Arrays, run_id: str, verbose: in
     settings = params.train
     seed_everything(settings)
     strategy = distribution_strategy(settings.strategy)
-    with strategy.scope():
+    chosen = precision.resolve(settings.precision)
+    with strategy.scope(), precision.keras_policy(chosen):
         model = build_model(params.model)
         model.compile(
             optimizer=optimizer(settings, math.ceil(len(fit.y) / settings.batch_size)),
@@ -203,6 +206,7 @@ def fit_model(params: Params, fit: Arrays, val: Arrays, run_id: str, verbose: in
         time.perf_counter() - started,
         strategy.num_replicas_in_sync,
         fit_cpu / (fit_seconds * len(os.sched_getaffinity(0))),
+        chosen,
     )
 
 
@@ -230,9 +234,14 @@ def train(paths: Paths, params: Params) -> TrainResult:
         tracking.log_datasets(run_id, paths, {"train": (fit.x, fit.y), "val": (val.x, val.y)})
         if paths.validation_report.is_file():
             mlflow.log_artifact(str(paths.validation_report), artifact_path="validation")
-        print(f"MLflow run {run_id}: training {params.model.architecture} on {len(fit.y):,} images")
+        print(
+            f"MLflow run {run_id}: training {params.model.architecture} on {len(fit.y):,} "
+            f"images in {precision.resolve(params.train.precision)}"
+        )
         fitted = fit_model(params, fit, val, run_id)
-        mlflow.log_param("train.replicas", fitted.replicas)
+        mlflow.log_params(
+            {"train.replicas": fitted.replicas, "train.precision_used": fitted.precision}
+        )
         frame = fitted.history
         with writing(paths.model_file):
             paths.model_dir.mkdir(parents=True, exist_ok=True)
