@@ -173,6 +173,7 @@ def test_health_and_openapi(server) -> None:
     health = requests.get(f"{server}/health", timeout=10).json()
     assert health["status"] == "ok" and health["alias"] == "champion"
     assert health["version"] == "1"
+    assert health["gc"]["frozen_objects"] > 100_000  # TensorFlow and the model, out of GC's way
     spec = requests.get(f"{server}/openapi.json", timeout=10).json()
     body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]
     assert {"multipart/form-data", "application/json"} <= set(body)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import gc
 import hmac
 import ipaddress
 import multiprocessing
@@ -140,6 +141,15 @@ def decoding_processes(count: int) -> ProcessPoolExecutor | None:
     finally:
         sys.path.remove(package_parent)
     return pool
+
+
+def settle_heap() -> None:
+    """Move every object alive once the model is loaded (TensorFlow, Keras, MLflow: about
+    500,000) out of the garbage collector's sight. They live as long as the server; left in,
+    each full collection walked them all (over 400 ms measured), pausing every request in
+    flight."""
+    gc.collect()
+    gc.freeze()
 
 
 def bounded_batch(max_batch: int) -> type[BaseModel]:
@@ -386,6 +396,7 @@ def create_app(
         processes = await run_in_threadpool(decoding_processes, limits.decode_processes)
         if log is not None:
             log.start()
+        await run_in_threadpool(settle_heap)
         yield
         await batcher.stop()
         holder.stop()
@@ -420,6 +431,10 @@ def create_app(
             "reload_error": holder.last_error or None,
             "batching": batcher.stats.to_dict(),
             "prediction_log": log_health,
+            "gc": {
+                "frozen_objects": gc.get_freeze_count(),
+                "full_collections": gc.get_stats()[2]["collections"],
+            },
         }
 
     def checked(items: list[tuple[str | None, bytes]]) -> list[bytes]:
