@@ -11,12 +11,12 @@ UI_PORT ?= 5000
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
 
+# --compile-bytecode: byte-compile every installed module now. uv does not by default, and with
+# PYTHONDONTWRITEBYTECODE set (as on the machines this was measured on) each process would
+# recompile its imports: importing TensorFlow took 11 s instead of 4.
 $(VENV)/.installed: pyproject.toml
 	$(HOST_PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check uv
-	# --compile-bytecode: byte-compile every installed module now. uv does not by default, and
-	# with PYTHONDONTWRITEBYTECODE set (as on CI) each process would recompile its imports:
-	# importing TensorFlow took 11 s instead of 4.
 	$(BIN)/uv pip install -q --compile-bytecode -p $(BIN)/python -e '.[dev]'
 	touch $@
 

@@ -115,7 +115,7 @@ def publish_artifacts(root: str) -> None:
     MLflow run and version) and per-class metrics, as artifacts in the Prefect UI."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    from digitflow import card  # here, not at the top: pandas would slow every no-op run
+    from digitflow import card  # here, not at the top: only a run that registered needs it
 
     project = paths(Path(root))
     summary, per_class = card.run_artifacts(project, load_params(project.params))

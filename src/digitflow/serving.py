@@ -144,7 +144,7 @@ def decoding_processes(count: int) -> ProcessPoolExecutor | None:
 
 
 def settle_heap() -> None:
-    """Move every object alive once the model is loaded (TensorFlow, Keras, MLflow: about
+    """Move every object alive once the model is loaded (TensorFlow, Keras, MLflow: over
     500,000) out of the garbage collector's sight. They live as long as the server; left in,
     each full collection walked them all (over 400 ms measured), pausing every request in
     flight."""
