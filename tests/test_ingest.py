@@ -12,7 +12,15 @@ from conftest import REPO, run, tree_digest
 from mirror import dead_url, serve
 
 from digitflow.config import DataParams, Paths, load_params
-from digitflow.idx import IdxError, encode_idx, parse_idx, read_images, read_labels
+from digitflow.idx import (
+    IdxError,
+    encode_idx,
+    parse_idx,
+    read_images,
+    read_labels,
+    read_shape,
+    write_idx,
+)
 from digitflow.ingest import IngestError, ingest
 from digitflow.sources import Source, resolve_sources, sha256_of
 
@@ -129,6 +137,7 @@ def test_already_verified_data_is_not_fetched_again(project, params, mnist_sourc
     _seed_data(project, mnist_source)
     summary = ingest(project, params.data, [Source(dead_url())])
     assert not summary.fetched
+    assert summary.counts == {"train": 60_000, "test": 10_000}  # from the archives' headers
 
 
 def test_file_url_and_comma_separated_sources(params, mnist_source):
@@ -157,6 +166,21 @@ def test_idx_parser_rejects_bad_headers() -> None:
         parse_idx(encode_idx(np.zeros(5, dtype=np.uint8)), "x", 3)
     with pytest.raises(IdxError, match=r"header says shape \(3, 28, 28\).*holds 2000"):
         parse_idx(good[: 16 + 2000], "x", 3)
+
+
+def test_header_shape_is_read_without_the_body(tmp_path: Path) -> None:
+    path = tmp_path / "images.gz"
+    write_idx(path, np.zeros((7, 28, 28), dtype=np.uint8))
+    assert read_shape(path) == (7, 28, 28)
+    with gzip.open(path, "rb") as handle:
+        header = handle.read(16)
+    with gzip.open(path, "wb") as handle:  # a header whose body is missing: still 7 declared
+        handle.write(header)
+    assert read_shape(path) == (7, 28, 28)
+    with gzip.open(path, "wb") as handle:
+        handle.write(b"\x00\x00\x0d\x03" + header[4:])
+    with pytest.raises(IdxError, match="not an IDX file"):
+        read_shape(path)
 
 
 def test_real_archives_parse(mnist_source: Path) -> None:

@@ -59,6 +59,17 @@ def parse_idx(payload: bytes, name: str, expected_dims: int | None = None) -> np
     return np.frombuffer(payload, dtype=np.uint8, offset=header_end).reshape(shape)
 
 
+def read_shape(path: Path) -> tuple[int, ...]:
+    """The shape an IDX file's header declares, unpacking only the header."""
+    with gzip.open(path, "rb") as handle:
+        start = handle.read(4)
+        ndims = start[3] if len(start) == 4 else 0
+        header = start + handle.read(4 * ndims)
+    if len(header) < 4 + 4 * ndims or ndims == 0 or header[:3] != bytes([0, 0, UBYTE_TYPE]):
+        raise IdxError(f"{path.name}: not an IDX file of unsigned bytes")
+    return struct.unpack(f">{ndims}I", header[4:])
+
+
 def read_idx(
     path: Path, expected_dims: int | None = None, max_bytes: int | None = None
 ) -> np.ndarray:

@@ -27,8 +27,11 @@ for sub_app in (stages.app, registry.app, serving.app, feedback.app, operations.
 
 
 def main() -> None:
-    """Entry point for `python -m digitflow`."""
-    app()
+    """Entry point of the `digitflow` command and `python -m digitflow`: the app, ended
+    without the interpreter's slow teardown (quickexit.py)."""
+    from .. import quickexit
+
+    quickexit.run(app)
 
 
 if __name__ == "__main__":
