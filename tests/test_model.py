@@ -232,3 +232,25 @@ def test_bfloat16_training_computes_in_bfloat16_and_answers_in_float32(params) -
     probabilities = model.predict(x[:4], verbose=0)
     assert probabilities.dtype == np.float32
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_prediction_grid_frames_wrong_digits_in_red(tmp_path) -> None:
+    from PIL import Image
+
+    from digitflow import plots
+
+    images = np.zeros((7, 28, 28, 1))
+    images[:, 10:18, 10:18] = 1.0  # a square of ink in each
+    true = np.arange(7) % 10
+    predicted = true.copy()
+    predicted[2] = (true[2] + 1) % 10
+    montage = plots.grid_montage(images, true != predicted)
+    assert montage.shape == (2 * plots.CELL_HEIGHT, plots.GRID_COLUMNS * plots.CELL_WIDTH, 3)
+    frame_top, frame_left = plots.TITLE_BAND - 1, 2 * plots.CELL_WIDTH + plots.TILE_GAP // 2 - 1
+    assert tuple(montage[frame_top, frame_left]) == plots.WRONG_RGB  # the wrong one's frame
+    assert tuple(montage[frame_top, frame_left - plots.CELL_WIDTH]) == (1.0, 1.0, 1.0)  # none
+    ink = montage[plots.TITLE_BAND + 12, plots.TILE_GAP // 2 + 12]
+    assert tuple(ink) == (0.0, 0.0, 0.0)  # ink dark on white
+    path = tmp_path / "grid.png"
+    plots.prediction_grid(images, true, predicted, np.full(7, 0.9), path)
+    assert Image.open(path).size[0] == plots.GRID_COLUMNS * plots.CELL_WIDTH * plots.MONTAGE_SCALE

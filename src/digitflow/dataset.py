@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from .config import RECENT, SPLITS, DataParams, Paths
-from .idx import read_images, read_labels
+from .idx import IMAGE_DIMS, LABEL_DIMS, read_idx
 
 
 @dataclass(frozen=True)
@@ -32,8 +33,26 @@ def load_folder(folder: Path, params: DataParams) -> dict[str, Split]:
     splits = {}
     for split in SPLITS:
         images, labels = split_files(params, split)
-        splits[split] = Split(read_images(folder / images), read_labels(folder / labels))
+        splits[split] = Split(
+            _read_archive(folder / images, IMAGE_DIMS), _read_archive(folder / labels, LABEL_DIMS)
+        )
     return splits
+
+
+def _read_archive(path: Path, dims: int) -> np.ndarray:
+    """An IDX archive's array (read-only), unpacked once per process while the file stays the
+    same: the validate and preprocess stages of one flow run both read all four archives."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return read_idx(path, dims)  # raises the IdxError that names the missing file
+    return _unpacked(str(path), dims, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=len(SPLITS) * 2)
+def _unpacked(path: str, dims: int, inode: int, size: int, mtime_ns: int) -> np.ndarray:
+    """The array of the archive at path while it has this inode, size and mtime."""
+    return read_idx(Path(path), dims)
 
 
 def stored_batches(paths: Paths) -> list[Path]:

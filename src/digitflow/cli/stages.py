@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 import typer
@@ -93,13 +94,14 @@ def run(
     project, _ = setup(root)
     module = load_flow(project, "pipeline")
     started = time.perf_counter()
-    state = module.mnist_pipeline(
-        root=str(project.root),
-        source=source or os.environ.get(SOURCE_ENV),
-        force=force,
-        wait=wait,
-        return_state=True,
-    )
+    with without_heartbeats():
+        state = module.mnist_pipeline(
+            root=str(project.root),
+            source=source or os.environ.get(SOURCE_ENV),
+            force=force,
+            wait=wait,
+            return_state=True,
+        )
     elapsed = time.perf_counter() - started
     if not state.is_completed():
         fail(f"the pipeline flow ended {state.name}: {state.message or ''}".strip())
@@ -108,6 +110,18 @@ def run(
         console.print(f"[yellow]skipped:[/] {escape(summary['skipped'])}")
         return
     print_summary(summary, elapsed, project)
+
+
+@contextmanager
+def without_heartbeats() -> Iterator[None]:
+    """Prefect settings for a run started by hand: no flow-run heartbeats. They exist so a
+    server can mark a crashed deployment run (schedule, worker) as crashed, and those keep them;
+    the person at the terminal sees a crash. Prefect stops its heartbeat thread only at its next
+    one-second tick, which added up to a second to every run's end."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
 
 
 def print_summary(summary: dict, elapsed: float, project: Paths) -> None:
