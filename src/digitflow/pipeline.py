@@ -15,17 +15,21 @@ from .versioning import data_hash, dvc_repo
 
 def run_stage_here(paths: Paths, stage: str, force: bool = False) -> StageResult | None:
     """Run a stage in this process when DVC says it changed (or when forced), then record it
-    in dvc.lock as `dvc repro` would (`dvc commit -f STAGE`). Returns what the stage reported,
-    or None when it was up to date and skipped."""
+    in dvc.lock as `dvc repro` does (save the hashes, commit the outputs to the cache, dump the
+    lock entry), with the stage DVC loaded before the run. Returns what the stage reported, or
+    None when it was up to date and skipped."""
     target = f"{paths.root / 'dvc.yaml'}:{stages.get(stage).name}"
-    with dvc_repo(paths.root) as repo, repo.lock:
-        (dvc_stage,) = repo.stage.collect(target)
-        if not force and not dvc_stage.changed():
-            return None
-        dvc_stage.remove_outs(ignore_remove=False, force=False)
-    outcome = stages.run(stage, paths, load_params(paths.params))
     with dvc_repo(paths.root) as repo:
-        repo.commit(target, force=True)
+        with repo.lock:
+            (dvc_stage,) = repo.stage.collect(target)
+            if not force and not dvc_stage.changed():
+                return None
+            dvc_stage.remove_outs(ignore_remove=False, force=False)
+        outcome = stages.run(stage, paths, load_params(paths.params))
+        with repo.lock:
+            dvc_stage.save()
+            dvc_stage.commit()
+            dvc_stage.dump(update_pipeline=False)
     return outcome
 
 
