@@ -7,7 +7,9 @@ long it trained) and registers it as champion. Then, in the same run, on 127.0.0
 - bounded load with locust (bench/locustfile.py, closed loop, --seconds each, prediction log
   on): 1 client and 16 clients sending one PNG per request, and 16 clients sending 16 per
   request; for `digitflow serve` with 1 worker process and with 2. Requests/s, p50 and p99,
-  failures, and how many requests shared a model call (/health);
+  failures, how many requests shared a model call (/health), and the cores used meanwhile by
+  the server, by its busiest thread (an event loop at 1.0 is one worker's limit) and by the
+  whole machine, locust included (psutil);
 - 64-image batches, sequential, the same base64 PNGs as JSON to `digitflow serve` and to
   `mlflow models serve` of the same registered champion: images/s, alternating for --rounds.
 Ratios: 16-client over 1-client throughput, 16-client p99 over 1-client p50, and digitflow over
@@ -81,11 +83,60 @@ def stop(process: subprocess.Popen) -> None:
         process.kill()
 
 
-def locust(base: str, images: Path, users: int, batch: int, seconds: int, csv: Path) -> dict:
-    """One headless locust run; requests/s, latency percentiles (ms) and failures."""
+def thread_cpu_seconds(server_pid: int) -> dict[tuple[int, int], float]:
+    """CPU seconds so far of every thread of the server and its child processes (uvicorn
+    workers, decoding processes), keyed by (process id, thread id)."""
+    import psutil
+
+    server = psutil.Process(server_pid)
+    seconds = {}
+    for process in [server, *server.children(recursive=True)]:
+        try:
+            for thread in process.threads():
+                seconds[(process.pid, thread.id)] = thread.user_time + thread.system_time
+        except psutil.NoSuchProcess:
+            continue
+    return seconds
+
+
+def machine_busy_seconds() -> tuple[float, float]:
+    """(busy, all) CPU seconds of the whole machine so far, summed over its cores."""
+    import psutil
+
+    times = psutil.cpu_times()
+    idle = times.idle + getattr(times, "iowait", 0.0)
+    return sum(times) - idle, sum(times)
+
+
+def cpu_shares(server_pid: int, before: tuple, wall_s: float) -> dict:
+    """Cores used during a load: by the server (all its processes), by its busiest thread
+    (one event loop at 1.0 is the limit of one worker), and by the whole machine."""
+    import psutil
+
+    threads_before, (busy_before, all_before) = before
+    threads_after = thread_cpu_seconds(server_pid)
+    busy_after, all_after = machine_busy_seconds()
+    used = {key: value - threads_before.get(key, 0.0) for key, value in threads_after.items()}
+    cores = psutil.cpu_count()
+    return {
+        "server_cores": round(sum(used.values()) / wall_s, 2),
+        "busiest_server_thread_cores": round(max(used.values(), default=0.0) / wall_s, 2),
+        "machine_busy_cores": round(
+            (busy_after - busy_before) / (all_after - all_before) * cores, 2
+        ),
+    }
+
+
+def locust(
+    base: str, images: Path, users: int, batch: int, seconds: int, csv: Path, server_pid: int
+) -> dict:
+    """One headless locust run; requests/s, latency percentiles (ms), failures, and the cores
+    the server, its busiest thread and the machine used meanwhile."""
     import pandas as pd
 
     bin_dir = Path(sys.executable).parent
+    before = thread_cpu_seconds(server_pid), machine_busy_seconds()
+    started = time.monotonic()
     subprocess.run(
         [
             str(bin_dir / "locust"),
@@ -108,6 +159,7 @@ def locust(base: str, images: Path, users: int, batch: int, seconds: int, csv: P
         capture_output=True,
         timeout=seconds + 120,
     )
+    shares = cpu_shares(server_pid, before, time.monotonic() - started)
     stats = pd.read_csv(f"{csv}_stats.csv")
     row = stats[stats["Name"] == "Aggregated"].iloc[0]
     return {
@@ -117,6 +169,7 @@ def locust(base: str, images: Path, users: int, batch: int, seconds: int, csv: P
         "images_per_s": round(float(row["Requests/s"]) * batch, 1),
         "p50_ms": float(row["50%"]),
         "p99_ms": float(row["99%"]),
+        **shares,
     }
 
 
@@ -132,11 +185,11 @@ def load_figures(work: Path, images: Path, workers: int, seconds: int) -> dict:
         f"{base}/health",
     )
     try:
-        locust(base, images, 4, 1, 3, work / "warm")
+        locust(base, images, 4, 1, 3, work / "warm", server.pid)
         figures = {}
         for name, (users, batch) in LOADS.items():
             before = requests.get(f"{base}/health", timeout=10).json()["batching"]
-            figures[name] = locust(base, images, users, batch, seconds, work / "load")
+            figures[name] = locust(base, images, users, batch, seconds, work / "load", server.pid)
             after = requests.get(f"{base}/health", timeout=10).json()["batching"]
             calls = after["model_calls"] - before["model_calls"]
             shared = (after["requests"] - before["requests"]) / calls if calls else 0.0
