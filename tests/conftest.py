@@ -355,11 +355,18 @@ def digitflow_serve(
         wait_until_up(f"{base}/health", process, log)
         yield base, process
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop(process)
+
+
+def stop(process: subprocess.Popen, grace_s: float = 30) -> None:
+    """Terminate a server or worker the test started; kill it if it has not exited after
+    grace_s (a Prefect worker stopped mid-poll can back off for a minute before it exits)."""
+    process.terminate()
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=grace_s)
 
 
 def venv_env(extra: dict[str, str]) -> dict[str, str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_project, run, set_params, tree_digest, venv_env, wait_until_up
+from conftest import make_project, run, set_params, stop, tree_digest, venv_env, wait_until_up
 from PIL import Image
 
 from digitflow import tracking
@@ -357,8 +357,7 @@ def test_work_pool_worker_runs_the_deployment(deployed, prefect_api) -> None:
     try:
         (flow_run,) = _trigger(deployment_name="pooled")
     finally:
-        worker.terminate()
-        worker.wait(timeout=60)
+        stop(worker)
     assert flow_run.state.is_completed(), (flow_run.state, log.read_text()[-3000:])
     assert flow_run.work_pool_name == "digitflow-pool"
     assert _last_run(deployed)["up_to_date"] is True
