@@ -179,7 +179,7 @@ def test_header_shape_is_read_without_the_body(tmp_path: Path) -> None:
     assert read_shape(path) == (7, 28, 28)
     with gzip.open(path, "wb") as handle:
         handle.write(b"\x00\x00\x0d\x03" + header[4:])
-    with pytest.raises(IdxError, match="not an IDX file"):
+    with pytest.raises(IdxError, match="wrong IDX magic number 0x00000d03"):
         read_shape(path)
 
 

@@ -36,8 +36,9 @@ def _decompress(path: Path, max_bytes: int | None = None) -> bytes:
         raise IdxError(f"{path.name}: truncated or corrupt gzip stream ({exc})") from exc
 
 
-def parse_idx(payload: bytes, name: str, expected_dims: int | None = None) -> np.ndarray:
-    """Parse uncompressed IDX bytes into a uint8 array, checking magic number and size."""
+def parse_header(payload: bytes, name: str, expected_dims: int | None = None) -> tuple[int, ...]:
+    """The shape an IDX header declares (payload holds at least the header), after checking
+    its magic number and number of dimensions."""
     if len(payload) < 4:
         raise IdxError(f"{name}: too short for an IDX header ({len(payload)} bytes)")
     zero1, zero2, type_code, ndims = payload[:4]
@@ -46,10 +47,15 @@ def parse_idx(payload: bytes, name: str, expected_dims: int | None = None) -> np
         raise IdxError(f"{name}: wrong IDX magic number 0x{magic:08x} (expected unsigned bytes)")
     if expected_dims is not None and ndims != expected_dims:
         raise IdxError(f"{name}: has {ndims} dimensions, expected {expected_dims}")
-    header_end = 4 + 4 * ndims
-    if len(payload) < header_end:
+    if len(payload) < 4 + 4 * ndims:
         raise IdxError(f"{name}: header cut short")
-    shape = struct.unpack(f">{ndims}I", payload[4:header_end])
+    return struct.unpack(f">{ndims}I", payload[4 : 4 + 4 * ndims])
+
+
+def parse_idx(payload: bytes, name: str, expected_dims: int | None = None) -> np.ndarray:
+    """Parse uncompressed IDX bytes into a uint8 array, checking magic number and size."""
+    shape = parse_header(payload, name, expected_dims)
+    header_end = 4 + 4 * len(shape)
     expected_bytes = int(np.prod(shape))
     body = len(payload) - header_end
     if body != expected_bytes:
@@ -59,15 +65,13 @@ def parse_idx(payload: bytes, name: str, expected_dims: int | None = None) -> np
     return np.frombuffer(payload, dtype=np.uint8, offset=header_end).reshape(shape)
 
 
-def read_shape(path: Path) -> tuple[int, ...]:
-    """The shape an IDX file's header declares, unpacking only the header."""
+def read_shape(path: Path, expected_dims: int | None = None) -> tuple[int, ...]:
+    """The shape a gzip-compressed IDX file's header declares, unpacking only the header."""
     with gzip.open(path, "rb") as handle:
         start = handle.read(4)
         ndims = start[3] if len(start) == 4 else 0
         header = start + handle.read(4 * ndims)
-    if len(header) < 4 + 4 * ndims or ndims == 0 or header[:3] != bytes([0, 0, UBYTE_TYPE]):
-        raise IdxError(f"{path.name}: not an IDX file of unsigned bytes")
-    return struct.unpack(f">{ndims}I", header[4:])
+    return parse_header(header, path.name, expected_dims)
 
 
 def read_idx(

@@ -13,7 +13,7 @@ import numpy as np
 
 from .config import IMAGE_SIZE, SOURCE_ENV, SPLITS, DataParams, FileSpec, Params, Paths
 from .errors import DigitflowError
-from .idx import IdxError, read_images, read_labels, read_shape
+from .idx import IMAGE_DIMS, IdxError, read_images, read_labels, read_shape
 from .sources import ProgressHook, Source, SourceError, fetch_file, resolve_sources, sha256_of
 from .versioning import Recorded, record_with_dvc
 
@@ -69,7 +69,9 @@ def declared_counts(folder: Path, params: DataParams) -> dict[str, int]:
     """Image counts per split from the image archives' headers alone: for archives whose sha256
     matches params, so their content is the one check_archives passed when they landed."""
     specs = file_specs(params)
-    return {split: read_shape(folder / specs[f"{split}_images"].name)[0] for split in SPLITS}
+    return {
+        split: read_shape(folder / specs[f"{split}_images"].name, IMAGE_DIMS)[0] for split in SPLITS
+    }
 
 
 def present_and_verified(folder: Path, params: DataParams) -> bool:
