@@ -412,5 +412,4 @@ def prefect_api(tmp_path_factory) -> dict[str, str]:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-    server.terminate()
-    server.wait(timeout=30)
+    stop(server)

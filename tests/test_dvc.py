@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import REPO, free_port, run, tree_digest
+from conftest import REPO, free_port, run, stop, tree_digest
 
 from digitflow.config import load_params
 from digitflow.ingest import ingest
@@ -100,5 +100,4 @@ def test_dvc_remote_on_s3_compatible_storage_round_trips(project, ingested) -> N
         status = run(["dvc", "status", "--cloud", "data.dvc"], project.root, env=env)
         assert "in sync" in status.stdout
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop(server)

@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import PIPELINE_SLICE, free_port, make_project, run, set_params, wait_until_up
+from conftest import (
+    PIPELINE_SLICE,
+    free_port,
+    make_project,
+    run,
+    set_params,
+    stop,
+    wait_until_up,
+)
 
 from digitflow.config import Paths, load_params
 
@@ -45,8 +53,7 @@ def tracking_server(postgres: str, tmp_path_factory) -> tuple[str, Path]:
     url = f"http://127.0.0.1:{port}"
     wait_until_up(f"{url}/health", server, log)
     yield url, artifacts
-    server.terminate()
-    server.wait(timeout=30)
+    stop(server)
 
 
 def test_pipeline_against_mlflow_on_postgresql(tmp_path, tracking_server, ingested: Paths) -> None:
@@ -175,8 +182,7 @@ def test_sweep_on_an_existing_dask_cluster(tmp_path, ingested: Paths) -> None:
         result = run(["digitflow", "sweep", "--dask-address", address], project.root)
     finally:
         for process in (worker, scheduler):
-            process.terminate()
-            process.wait(timeout=30)
+            stop(process)
     assert f"2 trials on {address}" in result.stdout and "sweep finished" in result.stdout
     experiment = tracking.configure(project, load_params(project.params))
     (parent,) = mlflow.MlflowClient().search_runs([experiment], "tags.`digitflow.sweep` = 'parent'")

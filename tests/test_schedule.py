@@ -127,8 +127,7 @@ def deployment(tmp_path_factory, prefect_api, ingested: Paths, mnist_source):
         (first_run,) = _trigger()
         yield project, first_run, _last_run(project)
     finally:
-        server.terminate()
-        server.wait(timeout=60)
+        stop(server, grace_s=60)
 
 
 @pytest.fixture
