@@ -91,3 +91,71 @@ def test_a_failing_model_call_fails_each_request_of_it() -> None:
 def test_predict_before_start_is_a_clear_error() -> None:
     with pytest.raises(RuntimeError, match="not started"):
         asyncio.run(Batcher(8, 0.0).predict(row_sums, np.zeros((1, 28, 28, 1), np.float32)))
+
+
+def _prepare_digits(files: list[bytes]) -> tuple[np.ndarray, list[str]]:
+    """A stand-in preparation: each file holds one digit character; anything else is refused."""
+    inputs = np.zeros((len(files), 28, 28, 1), dtype=np.float32)
+    errors = []
+    for index, data in enumerate(files):
+        if data.isdigit():
+            inputs[index] = int(data)
+            errors.append("")
+        else:
+            errors.append(f"{data!r} is not a digit")
+    return inputs, errors
+
+
+def test_files_are_prepared_in_the_shared_call_and_a_bad_one_fails_only_its_request() -> None:
+    async def scenario() -> tuple[list, Batcher]:
+        batcher = Batcher(max_images=64, wait_s=0.05)
+        batcher.start()
+        with batcher.coming():
+            handed = [
+                batcher.submit(row_sums, files=[b"1", b"2"], prepare=_prepare_digits),
+                batcher.submit(row_sums, files=[b"x"], prepare=_prepare_digits),
+                batcher.submit(row_sums, images=np.full((1, 28, 28, 1), 3, np.float32)),
+            ]
+        answers = await asyncio.gather(*handed)
+        await batcher.stop()
+        return answers, batcher
+
+    (two, bad, prepared), batcher = asyncio.run(scenario())
+    assert two.errors == ["", ""] and two.probabilities[:, 0].tolist() == [784, 2 * 784]
+    assert bad.errors == ["b'x' is not a digit"] and bad.probabilities is None
+    assert prepared.probabilities[:, 0].tolist() == [3 * 784]
+    assert batcher.stats.calls == 1 and batcher.stats.requests == 2 and batcher.stats.images == 3
+
+
+def test_a_request_whose_preparation_raises_gets_its_own_error() -> None:
+    def over_budget(files: list[bytes]) -> tuple[np.ndarray, list[str]]:
+        raise ValueError("over the pixel budget")
+
+    async def scenario() -> list:
+        batcher = Batcher(max_images=64, wait_s=0.05)
+        batcher.start()
+        with batcher.coming():
+            handed = [
+                batcher.submit(row_sums, files=[b"1"], prepare=over_budget),
+                batcher.submit(row_sums, files=[b"1"], prepare=_prepare_digits),
+            ]
+        outcomes = await asyncio.gather(*handed, return_exceptions=True)
+        await batcher.stop()
+        return outcomes
+
+    refused, answered = asyncio.run(scenario())
+    assert isinstance(refused, ValueError) and "pixel budget" in str(refused)
+    assert answered.probabilities[:, 0].tolist() == [784]
+
+
+def test_submit_needs_images_or_files_with_a_preparation() -> None:
+    async def scenario() -> None:
+        batcher = Batcher(8, 0.0)
+        batcher.start()
+        try:
+            with pytest.raises(ValueError, match="either prepared images"):
+                batcher.submit(row_sums, files=[b"1"])
+        finally:
+            await batcher.stop()
+
+    asyncio.run(scenario())

@@ -10,7 +10,7 @@ from paper import on_paper
 from PIL import Image
 
 from digitflow.idx import read_images
-from digitflow.imaging import ImageError, encode_png, prepare, prepare_array
+from digitflow.imaging import ImageError, border_median, encode_png, prepare, prepare_array
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +114,14 @@ def test_transparency_is_ink_only_in_a_mostly_transparent_image(digits) -> None:
     paper[:10, :10, 3] = 0  # a transparent corner on a photo of paper
     assert _correlation(prepare(encode_png(paper)), opaque) > 0.99
     assert _correlation(opaque, digits[2] / 255.0) > 0.9
+
+
+def test_border_median_equals_numpy_median_of_the_border() -> None:
+    rng = np.random.default_rng(7)
+    for _ in range(500):
+        height, width = rng.integers(1, 40, size=2)
+        levels = rng.random((height, width)).astype(np.float32)
+        if rng.random() < 0.3:  # ties, as in clean scans
+            levels = np.round(levels * 4) / 4
+        border = np.concatenate([levels[0], levels[-1], levels[:, 0], levels[:, -1]])
+        assert border_median(levels) == float(np.median(border))

@@ -1,11 +1,15 @@
 """Dynamic batching for the server: concurrent requests' images go through the model together.
 
-Each request announces itself (`coming`), prepares its images off the event loop and hands them
-to a `Batcher`. The batcher waits at most `wait_s` after the first one for others, then makes one
-model call for up to `max_images` images and gives each request its own rows back. A lone
-request (no other on its way, and the last call served one request) is sent at once, without
-waiting; requests that arrive while the model is busy form the next batch, so under load the
-model runs back to back on full batches.
+Each request announces itself (`coming`), reads its body and hands its images to a `Batcher`:
+encoded files, which the batcher prepares in the model's thread just before the call, or arrays
+already prepared elsewhere (the decoding processes of multi-image requests). The batcher waits at
+most `wait_s` after the first one for others, then makes one trip to a worker thread for up to
+`max_images` images: it prepares the files there, makes one model call for every image that could
+be prepared, and gives each request its own rows back. One thread hand-off per model call instead
+of one per request keeps the event loop's share of Python's lock small. A lone request (no other
+on its way, and the last call served one request) is sent at once, without waiting; requests that
+arrive while the model is busy form the next batch, so under load the model runs back to back on
+full batches.
 """
 
 from __future__ import annotations
@@ -20,15 +24,75 @@ import anyio
 import numpy as np
 
 Forward = Callable[[np.ndarray], np.ndarray]
+Prepare = Callable[[list[bytes]], tuple[np.ndarray, list[str]]]
+"""Encoded images -> model inputs (n, 28, 28, 1) and one error message per image ('' = fine)."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One request's share of a model call: its inputs, why images could not be prepared ('' for
+    those that could), and the class probabilities (None when any image could not be)."""
+
+    inputs: np.ndarray
+    errors: list[str]
+    probabilities: np.ndarray | None
 
 
 @dataclass
 class _Pending:
-    """One request's prepared images, the model they are for, and where its answer goes."""
+    """One request's images (prepared, or files with the function that prepares them), the
+    model they are for, and where its answer goes."""
 
-    images: np.ndarray
     forward: Forward
     answer: asyncio.Future
+    images: np.ndarray | None = None
+    files: list[bytes] | None = None
+    prepare: Prepare | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.files) if self.files is not None else len(self.images)
+
+    def prepared(self) -> tuple[np.ndarray, list[str]]:
+        """The model inputs and per-image errors (preparing the files here, in the worker)."""
+        if self.files is not None and self.prepare is not None:
+            return self.prepare(self.files)
+        assert self.images is not None
+        return self.images, [""] * len(self.images)
+
+
+def _compute(batch: list[_Pending]) -> list[Answer | BaseException]:
+    """In a worker thread: prepare each request's files, then one model call for every request
+    whose images were all prepared. A request whose preparation raised gets its exception; a
+    failing model call fails every request that was in it."""
+    prepared: list[tuple[np.ndarray, list[str]] | BaseException] = []
+    for pending in batch:
+        try:
+            prepared.append(pending.prepared())
+        except Exception as exc:  # e.g. a request over its pixel budget: that request only
+            prepared.append(exc)
+    ready = [part for part in prepared if not isinstance(part, BaseException) and not any(part[1])]
+    probabilities: np.ndarray | BaseException | None = None
+    if ready:
+        try:
+            probabilities = batch[0].forward(np.concatenate([inputs for inputs, _ in ready]))
+        except Exception as exc:  # every request that was in the call gets the error
+            probabilities = exc
+    answers: list[Answer | BaseException] = []
+    start = 0
+    for part in prepared:
+        if isinstance(part, BaseException):
+            answers.append(part)
+        elif any(part[1]):
+            answers.append(Answer(part[0], part[1], None))
+        elif isinstance(probabilities, BaseException):
+            answers.append(probabilities)
+        else:
+            assert probabilities is not None
+            stop = start + len(part[0])
+            answers.append(Answer(part[0], part[1], probabilities[start:stop]))
+            start = stop
+    return answers
 
 
 @dataclass
@@ -87,18 +151,33 @@ class Batcher:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    async def predict(self, forward: Forward, images: np.ndarray) -> np.ndarray:
-        """Class probabilities of one request's prepared images, computed in a shared call."""
+    def submit(
+        self,
+        forward: Forward,
+        images: np.ndarray | None = None,
+        files: list[bytes] | None = None,
+        prepare: Prepare | None = None,
+    ) -> asyncio.Future[Answer]:
+        """Hand over one request's images: prepared `images`, or encoded `files` that `prepare`
+        turns into inputs in the model's thread. Await the future for the request's Answer."""
         if self._queue is None:
             raise RuntimeError("the batcher is not started")
+        if (images is None) == (files is None or prepare is None):
+            raise ValueError("give either prepared images, or files and a prepare function")
         answer = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(images, forward, answer))
-        return await answer
+        self._queue.put_nowait(_Pending(forward, answer, images, files, prepare))
+        return answer
+
+    async def predict(self, forward: Forward, images: np.ndarray) -> np.ndarray:
+        """Class probabilities of one request's prepared images, computed in a shared call."""
+        answer = await self.submit(forward, images=images)
+        assert answer.probabilities is not None
+        return answer.probabilities
 
     async def _gather(self, first: _Pending) -> tuple[list[_Pending], _Pending | None]:
         """The requests of one model call, and a request for another model (after a swap)."""
         assert self._queue is not None
-        batch, count = [first], len(first.images)
+        batch, count = [first], first.size
         deadline = time.monotonic() + self.wait_s
         while count < self.max_images:
             try:
@@ -111,10 +190,10 @@ class Batcher:
                     pending = self._queue.get_nowait()
             except TimeoutError:
                 break
-            if pending.forward != first.forward or count + len(pending.images) > self.max_images:
+            if pending.forward != first.forward or count + pending.size > self.max_images:
                 return batch, pending
             batch.append(pending)
-            count += len(pending.images)
+            count += pending.size
         return batch, None
 
     async def _run(self) -> None:
@@ -123,19 +202,18 @@ class Batcher:
         while True:
             first = carried or await self._queue.get()
             batch, carried = await self._gather(first)
-            images = np.concatenate([pending.images for pending in batch])
             try:
-                probabilities = await anyio.to_thread.run_sync(first.forward, images)
-            except Exception as exc:  # every request of the call gets the error
-                for pending in batch:
-                    if not pending.answer.done():
-                        pending.answer.set_exception(exc)
-                continue
-            self.stats.record(len(batch), len(images))
+                answers = await anyio.to_thread.run_sync(_compute, batch)
+            except Exception as exc:  # not expected: _compute hands each request its error
+                answers = [exc] * len(batch)
+            called = [a for a in answers if isinstance(a, Answer) and a.probabilities is not None]
+            if called:
+                self.stats.record(len(called), sum(len(answer.inputs) for answer in called))
             self._alone = len(batch) == 1
-            start = 0
-            for pending in batch:
-                stop = start + len(pending.images)
-                if not pending.answer.done():  # its client may have gone
-                    pending.answer.set_result(probabilities[start:stop])
-                start = stop
+            for pending, answer in zip(batch, answers, strict=True):
+                if pending.answer.done():  # its client may have gone
+                    continue
+                if isinstance(answer, BaseException):
+                    pending.answer.set_exception(answer)
+                else:
+                    pending.answer.set_result(answer)

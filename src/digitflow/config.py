@@ -128,7 +128,6 @@ class ServeParams(_Strict):
     max_upload_bytes: int = Field(gt=0)
     max_batch: int = Field(ge=1)
     max_request_pixels: int = Field(ge=784)
-    decode_threads: int = Field(ge=1)
     decode_processes: int = Field(ge=0)
     batch_wait_ms: float = Field(ge=0, le=1000)
     batch_max_images: int = Field(ge=1)

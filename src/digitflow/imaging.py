@@ -128,16 +128,25 @@ def ink_map(image: Image.Image) -> np.ndarray:
     return invert_if_light(grey)
 
 
+def border_median(levels: np.ndarray) -> float:
+    """The median of the outermost rows and columns: the background's level. Equal to
+    np.median of them, found by sorting: np.median's own overhead was most of its cost on a
+    small image."""
+    border = np.sort(np.concatenate([levels[0], levels[-1], levels[:, 0], levels[:, -1]]))
+    middle = len(border) // 2
+    if len(border) % 2:
+        return float(border[middle])
+    return float((border[middle - 1] + border[middle]) / 2)
+
+
 def invert_if_light(grey: np.ndarray) -> np.ndarray:
     """Invert when the background (the border's median) is light, so ink is the bright part."""
-    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
-    return 1.0 - grey if float(np.median(border)) > 0.5 else grey
+    return 1.0 - grey if border_median(grey) > 0.5 else grey
 
 
 def normalise(ink: np.ndarray, settings: InkSettings = InkSettings()) -> np.ndarray:
     """Background to 0, strongest ink to 1; an image without enough contrast has no ink."""
-    border = np.concatenate([ink[0], ink[-1], ink[:, 0], ink[:, -1]])
-    background = float(np.median(border))
+    background = border_median(ink)
     contrast = float(ink.max()) - background
     if contrast < settings.min_contrast:
         raise ImageError("no ink found: the image is blank or has almost no contrast")

@@ -14,10 +14,12 @@ import binascii
 import gc
 import hmac
 import ipaddress
+import json
 import multiprocessing
 import sys
 import threading
 import time
+from asyncio import Future
 from collections.abc import AsyncIterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -30,15 +32,16 @@ from typing import Any, Literal
 import anyio
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, Field, create_model
 from starlette.concurrency import run_in_threadpool
 
 from . import inference, predictionlog
-from .batching import Batcher
+from .batching import Answer, Batcher, Prepare
 from .config import ServeParams
 from .imaging import InkSettings, pixel_count, prepare_batch
 from .predictionlog import CorrectionSettled, LogWriter, UnknownPrediction
+from .uploads import MalformedForm, TooManyFiles, multipart_files
 
 PAGE = "static/draw.html"
 
@@ -249,6 +252,32 @@ REFUSALS = {
 }
 
 
+def answer_response(
+    served: Served, filenames: list[str | None], ids: list[str | None], probabilities: np.ndarray
+) -> Response:
+    """A PredictResponse's JSON, written directly: returned as a model, FastAPI would validate
+    every field again before serialising it, on the event loop, for each request."""
+    digits, maxima = probabilities.argmax(axis=1).tolist(), probabilities.max(axis=1).tolist()
+    predictions = [
+        {
+            "index": index,
+            "prediction_id": prediction_id,
+            "filename": filename,
+            "digit": digit,
+            "probability": maximum,
+            "probabilities": row,
+        }
+        for index, (prediction_id, filename, digit, maximum, row) in enumerate(
+            zip(ids, filenames, digits, maxima, probabilities.tolist(), strict=True)
+        )
+    ]
+    body = {"model_version": served.version, "model_uri": served.uri, "predictions": predictions}
+    return Response(
+        json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")),
+        media_type="application/json",
+    )
+
+
 def _request_body_docs(batch_model: type[BaseModel]) -> dict:
     """OpenAPI description of the two accepted bodies (the handler parses them itself)."""
     return {
@@ -303,15 +332,6 @@ async def read_body(request: Request, limits: ServeParams) -> bytes:
     return b"".join(chunks)
 
 
-def _replaying(body: bytes):
-    """An ASGI receive that hands over an already-read body (for Starlette's form parser)."""
-
-    async def receive() -> dict:
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return receive
-
-
 async def _read_images(
     request: Request, limits: ServeParams, batch_model: type[BaseModel]
 ) -> list[tuple[str | None, bytes]]:
@@ -325,18 +345,12 @@ async def _read_images(
     if not body:
         raise HTTPException(400, "empty request body: no image in the request")
     if kind == "multipart/form-data":
-        replayed = Request(request.scope, _replaying(body))
         try:
-            form = await replayed.form(
-                max_files=limits.max_batch + 1, max_fields=limits.max_batch + 1
-            )
-        except Exception as exc:  # a malformed multipart body, or too many parts
+            items = multipart_files(body, request.headers["content-type"], limits.max_batch)
+        except TooManyFiles as exc:
+            raise HTTPException(413, str(exc)) from None
+        except MalformedForm as exc:
             raise HTTPException(400, f"malformed multipart body: {exc}") from None
-        items = [
-            (value.filename, await value.read())
-            for _, value in form.multi_items()
-            if hasattr(value, "read")
-        ]
     else:
         if body.count(b",") >= limits.max_batch:  # base64 holds no comma: items - 1 <= commas
             raise HTTPException(
@@ -361,6 +375,13 @@ def _decode_base64(index: int, text: str) -> bytes:
         raise HTTPException(422, f"image {index}: not valid base64") from None
 
 
+def _settled(answer: Answer) -> Future[Answer]:
+    """An answer known without the model (a request whose images could not be prepared)."""
+    future: Future[Answer] = asyncio.get_running_loop().create_future()
+    future.set_result(answer)
+    return future
+
+
 def _label(index: int, filename: str | None) -> str:
     return f"image {index}" + (f" ({filename})" if filename else "")
 
@@ -381,7 +402,6 @@ def create_app(
     """The HTTP API and the drawing page around a model holder; predictions go to `log` (None:
     not logged, and /feedback answers 503)."""
     batch_model = bounded_batch(limits.max_batch)
-    decoding = anyio.CapacityLimiter(limits.decode_threads)
     batcher = Batcher(limits.batch_max_images, limits.batch_wait_ms / 1000)
     processes: ProcessPoolExecutor | None = None
     replacing = asyncio.Lock()
@@ -437,28 +457,30 @@ def create_app(
             },
         }
 
-    def checked(items: list[tuple[str | None, bytes]]) -> list[bytes]:
-        """The request's image bytes, once its pixel budget (from the headers) is checked."""
-        pixels = sum(pixel_count(data) for _, data in items)
+    def checked(encoded: list[bytes]) -> list[bytes]:
+        """The request's image files, once its pixel budget (from the headers) is checked."""
+        pixels = sum(pixel_count(data) for data in encoded)
         if pixels > limits.max_request_pixels:
             raise HTTPException(
                 413,
-                f"{pixels:,} pixels in {len(items)} images; at most "
+                f"{pixels:,} pixels in {len(encoded)} images; at most "
                 f"{limits.max_request_pixels:,} per request",
             )
-        return [data for _, data in items]
+        return encoded
 
-    async def prepared(
-        items: list[tuple[str | None, bytes]], served: Served
-    ) -> tuple[np.ndarray, list[str]]:
-        """Decode and prepare a request's images off the event loop: one image in a thread,
-        several split across the decoding processes (Python's lock would serialise threads)."""
-        ink = served.scorer.ink
+    def prepare_single(ink: InkSettings) -> Prepare:
+        """Prepares a request's files in the batcher's thread: the pixel budget, then decoding."""
+        return lambda encoded: prepare_batch(checked(encoded), ink)
+
+    async def handed_over(items: list[tuple[str | None, bytes]], served: Served) -> Future[Answer]:
+        """Give a request's images to the batcher. One image is decoded and prepared in the
+        batcher's thread with the rest of its model call; several are split across the decoding
+        processes first (Python's lock would serialise threads)."""
+        ink, forward = served.scorer.ink, served.scorer.probabilities
+        encoded = [data for _, data in items]
         if processes is None or len(items) == 1:
-            return await anyio.to_thread.run_sync(
-                lambda: prepare_batch(checked(items), ink), limiter=decoding
-            )
-        images = await anyio.to_thread.run_sync(checked, items, limiter=decoding)
+            return batcher.submit(forward, files=encoded, prepare=prepare_single(ink))
+        images = await anyio.to_thread.run_sync(checked, encoded)
         loop = asyncio.get_running_loop()
         share = -(-len(images) // limits.decode_processes)
         pool = processes
@@ -471,8 +493,11 @@ def create_app(
             )
         except BrokenProcessPool:  # a decoding process died (killed, out of memory)
             await replace_decoding_processes(pool)
-            return await anyio.to_thread.run_sync(prepare_batch, images, ink, limiter=decoding)
-        return np.concatenate([batch for batch, _ in parts]), [e for _, part in parts for e in part]
+            return batcher.submit(forward, files=images, prepare=prepare_single(ink))
+        errors = [error for _, part in parts for error in part]
+        if any(errors):
+            return _settled(Answer(np.concatenate([b for b, _ in parts]), errors, None))
+        return batcher.submit(forward, images=np.concatenate([batch for batch, _ in parts]))
 
     async def replace_decoding_processes(broken: ProcessPoolExecutor) -> None:
         """Start a new pool in place of a broken one (once, however many requests saw it)."""
@@ -518,32 +543,20 @@ def create_app(
             status: {"description": text, "model": Problem} for status, text in REFUSALS.items()
         },
     )
-    async def predict(request: Request) -> PredictResponse:
+    async def predict(request: Request) -> Response:
         started = time.perf_counter()
         with batcher.coming():  # from here until its images are handed to the batcher
             items = await _read_images(request, limits, batch_model)
             served = holder.served
-            inputs, errors = await prepared(items, served)
+            answering = await handed_over(items, served)
+        answer = await answering
         for index, (filename, _) in enumerate(items):
-            if errors[index]:
-                raise HTTPException(422, f"{_label(index, filename)}: {errors[index]}")
-        probabilities = await batcher.predict(served.scorer.probabilities, inputs)
-        ids = logged_ids(request, items, inputs, probabilities, served, started)
-        return PredictResponse(
-            model_version=served.version,
-            model_uri=served.uri,
-            predictions=[
-                Prediction(
-                    index=index,
-                    prediction_id=ids[index],
-                    filename=filename,
-                    digit=int(row.argmax()),
-                    probability=float(row.max()),
-                    probabilities=row.tolist(),
-                )
-                for (index, (filename, _)), row in zip(enumerate(items), probabilities, strict=True)
-            ],
-        )
+            if answer.errors[index]:
+                raise HTTPException(422, f"{_label(index, filename)}: {answer.errors[index]}")
+        probabilities = answer.probabilities
+        assert probabilities is not None  # every image was prepared
+        ids = logged_ids(request, items, answer.inputs, probabilities, served, started)
+        return answer_response(served, [filename for filename, _ in items], ids, probabilities)
 
     def admitted(request: Request) -> None:
         """The token, loopback and rate rules of /feedback (before the body is read)."""
