@@ -229,6 +229,10 @@ def write_predictions(engine: Engine, logged: list[LoggedPrediction]) -> None:
             connection.execute(predictions.insert(), [item.row() for item in logged])
 
 
+WRITE_BATCH = 1000
+"""Most predictions written in one transaction."""
+
+
 class LogWriter:
     """Writes predictions in the background, in batches; counts what it could not write."""
 
@@ -270,9 +274,9 @@ class LogWriter:
 
     def submit(self, logged: list[LoggedPrediction]) -> None:
         """Queue predictions for writing; never blocks (a full queue drops and counts them)."""
+        with self._idle:
+            self._unwritten += len(logged)
         for item in logged:
-            with self._idle:
-                self._unwritten += 1
             try:
                 self._queue.put_nowait(item)
             except queue.Full:
@@ -286,14 +290,18 @@ class LogWriter:
                 self._idle.notify_all()
 
     def _take_batch(self) -> list[LoggedPrediction]:
+        """The predictions to write next: the first to arrive, and what else arrives within
+        flush_interval_s after it. The thread sleeps through that window instead of waking for
+        each prediction (each wake-up took Python's lock from the requests being served)."""
         try:
             batch = [self._queue.get(timeout=self.flush_interval_s)]
         except queue.Empty:
             return []
-        deadline = time.monotonic() + self.flush_interval_s
-        while len(batch) < 1000 and (left := deadline - time.monotonic()) > 0:
+        if self._queue.qsize() < WRITE_BATCH - 1:
+            self._stop.wait(self.flush_interval_s)
+        while len(batch) < WRITE_BATCH:
             try:
-                batch.append(self._queue.get(timeout=left))
+                batch.append(self._queue.get_nowait())
             except queue.Empty:
                 break
         return batch
