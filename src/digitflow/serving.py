@@ -25,6 +25,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
@@ -32,7 +33,8 @@ from typing import Any, Literal
 import anyio
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, Field, create_model
 from starlette.concurrency import run_in_threadpool
 
@@ -493,7 +495,7 @@ def create_app(
             )
         except BrokenProcessPool:  # a decoding process died (killed, out of memory)
             await replace_decoding_processes(pool)
-            return batcher.submit(forward, files=images, prepare=prepare_single(ink))
+            return batcher.submit(forward, files=images, prepare=partial(prepare_batch, ink=ink))
         errors = [error for _, part in parts for error in part]
         if any(errors):
             return _settled(Answer(np.concatenate([b for b, _ in parts]), errors, None))
@@ -624,7 +626,7 @@ class PredictFastPath:
     """The app, with POST /predict handed straight to its handler. FastAPI's middleware stack,
     routing and request handler took about a fifth of the server's Python per single-image
     request; the route stays declared in `app`, which documents it and serves everything else.
-    Refusals are answered as FastAPI answers them ({"detail": ...}, same status and headers)."""
+    Refusals are answered by FastAPI's own handler for them ({"detail": ...})."""
 
     def __init__(self, app: FastAPI, predict: Callable[[Request], Awaitable[Response]]) -> None:
         self.app, self.predict = app, predict
@@ -634,10 +636,11 @@ class PredictFastPath:
             await self.app(scope, receive, send)
             return
         scope.setdefault("app", self.app)
+        request = Request(scope, receive)
         try:
-            response = await self.predict(Request(scope, receive))
+            response = await self.predict(request)
         except HTTPException as exc:
-            response = JSONResponse({"detail": exc.detail}, exc.status_code, exc.headers)
+            response = await http_exception_handler(request, exc)
         await response(scope, receive, send)
 
 
