@@ -1,5 +1,5 @@
 """The results table of docs/benchmarks.md and the README's timings, made from the newest JSON
-file of each benchmark.
+file of each benchmark on each CPU model it ran on.
 
 python bench/report.py            # print the table and the README's timings
 python bench/report.py --write    # put them into docs/benchmarks.md and README.md (between markers)
@@ -20,9 +20,14 @@ README_BEGIN = "<!-- timings:begin (bench/report.py --write) -->"
 README_END = "<!-- timings:end -->"
 
 
-def newest(prefix: str) -> dict | None:
-    files = sorted(RESULTS.glob(f"{prefix}-2*.json"))
-    return json.loads(files[-1].read_text()) | {"file": files[-1].name} if files else None
+def newest_each_cpu(prefix: str) -> list[dict]:
+    """The newest result file of a benchmark for each CPU model it ran on, newest first: each
+    machine kind keeps its own row."""
+    by_cpu: dict[str, dict] = {}
+    for path in sorted(RESULTS.glob(f"{prefix}-2*.json"), reverse=True):
+        result = json.loads(path.read_text()) | {"file": path.name}
+        by_cpu.setdefault(result.get("machine", {}).get("cpu", "?"), result)
+    return list(by_cpu.values())
 
 
 def machine_of(result: dict) -> str:
@@ -38,8 +43,7 @@ def table() -> str:
         "| --- | --- | --- | --- |",
     ]
     for preset in ("seed_cnn", "digit_cnn"):
-        result = newest(f"accuracy-{preset}")
-        if result:
+        for result in newest_each_cpu(f"accuracy-{preset}"):
             runs = len(result["runs"])
             against = ""
             if "tutorial_reference" in result:
@@ -55,8 +59,7 @@ def table() -> str:
                 f"{result['train_seconds_max']:.0f} s max{against} "
                 f"| `python bench/accuracy.py --preset {preset} --seeds 1 2 3` | `{result['file']}` ({machine_of(result)}) |"
             )
-    overhead = newest("overhead")
-    if overhead:
+    for overhead in newest_each_cpu("overhead"):
         medians = overhead["median_seconds"]
         rows.append(
             f"| pipeline overhead, Prefect flow / plain script | {overhead['ratio_flow_over_plain']:.2f} "
@@ -72,31 +75,29 @@ def table() -> str:
             f"| pipeline overhead, `dvc repro -f` / plain script | {overhead['ratio_dvc_over_plain']:.2f} "
             f"({medians['dvc']:.0f} s / {medians['plain']:.0f} s) | same | same |"
         )
-    throughput = newest("throughput")
-    if throughput:
+    for throughput in newest_each_cpu("throughput"):
         rates = throughput["median_samples_per_second"]
         rows.append(
             f"| training throughput, pipeline input path / numpy arrays | {throughput['ratio_pipeline_over_numpy']:.2f} "
             f"({rates['pipeline']:.0f} / {rates['numpy']:.0f} samples/s); with augmentation on: "
             f"{throughput['ratio_augmented_over_numpy']:.2f} | `python bench/throughput.py` | `{throughput['file']}` ({machine_of(throughput)}) |"
         )
-    noop = newest("noop")
-    if noop:
+    for noop in newest_each_cpu("noop"):
         medians = noop["median_seconds"]
         server = f" / {medians['flow_run_server']:.1f} s" if "flow_run_server" in medians else ""
         rows.append(
             f"| no-op `dvc repro` / flow run / flow run on a running server | {medians['dvc_repro']:.1f} s / "
             f"{medians['flow_run']:.1f} s{server} | `python bench/noop.py` | `{noop['file']}` ({machine_of(noop)}) |"
         )
-    validation = newest("validation")
-    if validation:
+    for validation in newest_each_cpu("validation"):
         rows.append(
             f"| `digitflow validate`, 70,000 images | {validation['median_command_wall_seconds']:.1f} s "
             f"({validation['median_validation_seconds']:.1f} s after imports) | `python bench/validation_cost.py` "
             f"| `{validation['file']}` ({machine_of(validation)}) |"
         )
-    serving = newest("serving")
-    if serving and "load" in serving:
+    for serving in newest_each_cpu("serving"):
+        if "load" not in serving:
+            continue
         where = f"| `python bench/serving.py` | `{serving['file']}` ({machine_of(serving)}) |"
         for workers in ("1_worker", "2_worker"):
             load, ratios = serving["load"][workers], serving["ratios"]
@@ -117,8 +118,7 @@ def table() -> str:
             f"({rates['digitflow_serve']:.0f} / {rates['mlflow_models_serve']:.0f} images/s) "
             "| same | same |"
         )
-    logging = newest("prediction-log")
-    if logging:
+    for logging in newest_each_cpu("prediction-log"):
         on, off = (
             logging["single_image_latency_ms"]["log_on"],
             logging["single_image_latency_ms"]["log_off"],
@@ -130,8 +130,7 @@ def table() -> str:
             f"{logging['prediction_log']['written']} rows written, {logging['prediction_log']['failed']} failed "
             f"| `python bench/prediction_log.py` | `{logging['file']}` ({machine_of(logging)}) |"
         )
-    monitor = newest("monitor")
-    if monitor:
+    for monitor in newest_each_cpu("monitor"):
         scans, canvas = monitor["false_alarms"]["scan"], monitor["false_alarms"]["canvas"]
         turned = monitor["detection_rotated_90"]
         rows.append(
@@ -146,8 +145,7 @@ def table() -> str:
             f"{scans['alarms']} of {scans['windows']} / {canvas['alarms']} of {canvas['windows']}; "
             f"{turned['alarms']} of {turned['windows']} | same | same |"
         )
-    sweep = newest("sweep")
-    if sweep:
+    for sweep in newest_each_cpu("sweep"):
         medians = sweep["median_seconds"]
         rows.append(
             f"| 4-trial sweep, 1 Dask worker / 2 workers | {medians['workers_1']:.0f} s / {medians['workers_2']:.0f} s "
@@ -159,8 +157,9 @@ def table() -> str:
 def readme_timings() -> str:
     """The README's timings: training and serving, from the newest result files."""
     lines = []
-    accuracy = newest("accuracy-digit_cnn")
-    if accuracy and "tutorial_reference" in accuracy:
+    for accuracy in newest_each_cpu("accuracy-digit_cnn"):
+        if "tutorial_reference" not in accuracy:
+            continue
         machine = accuracy["machine"]
         lines.append(
             f"Training the default `digit_cnn` on {machine['cpu']} ({machine['cpus']} cores): "
@@ -169,8 +168,9 @@ def readme_timings() -> str:
             f"the plain tutorial script's 10 epochs in the same run, for "
             f"{accuracy['test_accuracy_mean']:.4f} test accuracy (`bench/results/{accuracy['file']}`)."
         )
-    serving = newest("serving")
-    if serving and "load" in serving:
+    for serving in newest_each_cpu("serving"):
+        if "load" not in serving:
+            continue
         one = serving["load"]["1_worker"]["1 client x1"]
         many = serving["load"]["1_worker"]["16 clients x1"]
         lines.append(

@@ -135,6 +135,7 @@ class ServeParams(_Strict):
     max_connections: int = Field(ge=1)
     keep_alive_s: float = Field(gt=0)
     read_timeout_s: float = Field(gt=0)
+    access_log: bool
 
     @model_validator(mode="after")
     def _one_request_fits_a_model_call(self) -> ServeParams:

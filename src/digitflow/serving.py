@@ -662,6 +662,7 @@ def serve(
         log_level="info",
         limit_concurrency=limits.max_connections,
         timeout_keep_alive=limits.keep_alive_s,
+        access_log=limits.access_log,
     )
 
 
@@ -675,6 +676,7 @@ def serve_workers(factory: str, limits: ServeParams, host: str, port: int, worke
         "--workers", str(workers), "--host", host, "--port", str(port),
         "--limit-concurrency", str(limits.max_connections),
         "--timeout-keep-alive", str(int(limits.keep_alive_s)),
+        "--access-log" if limits.access_log else "--no-access-log",
     ]  # fmt: skip
     sys.stdout.flush()
     os.execv(sys.executable, arguments)
