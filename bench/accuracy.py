@@ -33,6 +33,7 @@ PRESETS = {
         "train.lr_schedule": "constant",
         "train.early_stopping_patience": 10,
         "preprocess.val_fraction": 0.2,
+        "train.precision": "float32",
     },
 }
 

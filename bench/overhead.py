@@ -30,6 +30,7 @@ TUTORIAL = {
     "train.learning_rate": 0.001,
     "train.early_stopping_patience": 10,
     "preprocess.val_fraction": 0.2,
+    "train.precision": "float32",
 }
 STAGES = ("validate", "preprocess", "train", "evaluate", "register")
 
