@@ -5,8 +5,10 @@
 
 Each user sends LOAD_BATCH image files from DIR (PNG or JPEG, taken in turn) as one multipart
 request (bodies encoded before the load starts), again as soon as the answer comes (no think time). An answer that is not 200, or that
-does not hold one prediction per image sent, counts as a failure. Used by bench/serving.py and by
-the load test in tests/test_load.py.
+does not hold one prediction per image sent, counts as a failure. With LOAD_TIMES=FILE, every
+request's response time (ms, unrounded: locust's own percentiles round to whole milliseconds
+below 100 ms) is written to FILE, one per line, when locust quits. Used by bench/serving.py and
+by the load test in tests/test_load.py.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import itertools
 import os
 from pathlib import Path
 
-from locust import FastHttpUser, constant, task
+from locust import FastHttpUser, constant, events, task
 from urllib3 import encode_multipart_formdata
 
 IMAGES = sorted(
@@ -25,6 +27,8 @@ IMAGES = sorted(
 )
 BATCH = int(os.environ.get("LOAD_BATCH", "1"))
 QUERY = os.environ.get("LOAD_QUERY", "")
+TIMES_FILE = os.environ.get("LOAD_TIMES")
+response_times_ms: list[float] = []
 
 
 def bodies(images: list[bytes], batch: int) -> list[tuple[bytes, str]]:
@@ -64,3 +68,14 @@ class PredictUser(FastHttpUser):
                 response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
             elif len(response.json()["predictions"]) != BATCH:
                 response.failure("not one prediction per image")
+
+
+if TIMES_FILE:
+
+    @events.request.add_listener
+    def record_time(response_time: float, **_) -> None:
+        response_times_ms.append(response_time)
+
+    @events.quitting.add_listener
+    def write_times(**_) -> None:
+        Path(TIMES_FILE).write_text("".join(f"{ms:.3f}\n" for ms in response_times_ms))

@@ -36,6 +36,12 @@ def machine_of(result: dict) -> str:
     return f"{machine.get('cpu', 'CPU not recorded')}, {machine.get('date', '?')[:10]}"
 
 
+def latency_ms(load: dict, percentile: str) -> str:
+    """A load's latency percentile: unrounded where the file has it, else locust's whole ms."""
+    exact = load.get(f"{percentile}_ms_exact")
+    return f"{exact:.1f} ms" if exact is not None else f"{load[f'{percentile}_ms']:.0f} ms"
+
+
 def table() -> str:
     """One row per figure: value, the command that measures it, its result file and machine."""
     rows = [
@@ -106,9 +112,9 @@ def table() -> str:
                 f"| `digitflow serve`, {workers.replace('_', ' ')}(s): 16 clients / 1 client, one "
                 f"image per request | {ratios[f'{workers}_16_over_1_client_throughput']:.2f}x "
                 f"({many['requests_per_s']:.0f} / {one['requests_per_s']:.0f} requests/s); p99 at 16 "
-                f"clients {many['p99_ms']:.0f} ms = "
+                f"clients {latency_ms(many, 'p99')} = "
                 f"{ratios[f'{workers}_16_client_p99_over_1_client_p50']:.1f}x the 1-client p50 "
-                f"({one['p50_ms']:.0f} ms); {serving['failed_requests']} failed requests "
+                f"({latency_ms(one, 'p50')}); {serving['failed_requests']} failed requests "
                 + (where if workers == "1_worker" else "| same | same |")
             )
         rates = serving["batch64_median_images_per_second"]
@@ -174,7 +180,7 @@ def readme_timings() -> str:
         one = serving["load"]["1_worker"]["1 client x1"]
         many = serving["load"]["1_worker"]["16 clients x1"]
         lines.append(
-            f"`digitflow serve` on {serving['machine']['cpu']}: one image in {one['p50_ms']:.0f} ms "
+            f"`digitflow serve` on {serving['machine']['cpu']}: one image in {latency_ms(one, 'p50')} "
             f"(p50, one client); {many['requests_per_s']:.0f} requests/s from 16 concurrent "
             f"clients (`bench/results/{serving['file']}`)."
         )
