@@ -49,6 +49,28 @@ def test_image_statistics_measure_a_drawn_bar() -> None:
     assert empty["ink_share"] == 0 and empty["box_width"] == 0 and empty["box_height"] == 0
 
 
+def test_a_model_trained_in_bfloat16_is_monitored_like_a_float32_one(params) -> None:
+    """train.precision auto trains in bfloat16 on CPUs that have it; the champion's embeddings
+    then come out as bfloat16, which pandas could not move (the monitor failed on such a
+    machine). Forced here, so every machine checks it."""
+    from digitflow.model import build_model
+    from digitflow.precision import keras_policy
+
+    with keras_policy("bfloat16"):
+        model = build_model(params.model)
+    rng = np.random.default_rng(0)
+    reference = rng.integers(0, 256, size=(60, 28, 28), dtype=np.uint8)
+    current = rng.integers(0, 256, size=(40, 28, 28), dtype=np.uint8)
+    two_headed = monitoring.embedding_model(model)
+    level = params.validate_.ink_grey_level
+    frames = [monitoring.features(two_headed, images, level) for images in (reference, current)]
+    embedding = [column for column in frames[0].columns if column.startswith("e")]
+    assert embedding and (frames[0][embedding].dtypes == np.float32).all()
+    checks, _ = monitoring.compare(*frames, params.monitor)
+    assert [check.name for check in checks][0] == monitoring.EMBEDDING
+    assert all(np.isfinite(check.score) for check in checks)
+
+
 def _verdict(params, drifted: bool, labelled: int, right: int, pending: int):
     score = 2 * params.monitor.embedding_threshold if drifted else 0.0
     check = monitoring.Check(monitoring.EMBEDDING, "mmd", score, params.monitor.embedding_threshold)

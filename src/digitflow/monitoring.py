@@ -261,9 +261,11 @@ def embedding_model(keras_model):
 
 
 def features(two_headed, images: np.ndarray, ink_grey_level: int) -> pd.DataFrame:
-    """One row per image: its statistics, predicted class, top probability and embedding."""
+    """One row per image: its statistics, predicted class, top probability and embedding
+    (float32 whatever precision the model computes in: pandas cannot move bfloat16 columns)."""
     x = images.reshape(-1, IMAGE_SIZE, IMAGE_SIZE, 1).astype("float32") / 255.0
     embedded, probabilities = two_headed.predict(x, batch_size=512, verbose=0)
+    embedded = np.asarray(embedded, dtype=np.float32)
     frame = image_statistics(images, ink_grey_level)
     frame[PREDICTED] = probabilities.argmax(axis=1).astype(str)
     frame[CONFIDENCE] = probabilities.max(axis=1)
