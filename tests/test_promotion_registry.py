@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import pytest
 from conftest import clone_project, make_project, run, set_params
@@ -115,3 +116,35 @@ def test_better_overall_but_a_class_regresses_is_refused_naming_it(own: Paths) -
     pooled = report["statistics"]["slices"]["mnist_test"]
     assert pooled["challenger_accuracy"] > pooled["champion_accuracy"]
     assert alias_version(name, CHAMPION) == champion_before
+
+
+def test_register_judges_from_the_logged_digits_and_predicts_again_for_other_images(
+    own: Paths,
+) -> None:
+    """Evaluate logs each model's digits with a fingerprint of the images; register judges from
+    them without loading TensorFlow, and only while the images are the same ones."""
+    from digitflow import judged
+    from digitflow.preprocess import Arrays
+    from digitflow.registry import digits_of, evaluation_slices, predictions_of
+
+    train_and_register(own, {("train", "seed"): 3})
+    info = tracking.read_run_info(own)
+    script = (
+        "import sys; from pathlib import Path; from digitflow.config import load_params, paths;"
+        "from digitflow.registry import register; project = paths(Path('.'));"
+        "register(project, load_params(project.params));"
+        "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))"
+    )
+    assert run([sys.executable, "-c", script], own.root).stdout.strip().endswith("[]")
+
+    slices = evaluation_slices(own)
+    logged = judged.logged_digits(info["run_id"], slices)
+    assert logged is not None and len(logged["mnist_test"]) == len(slices["mnist_test"].y)
+    predicted = predictions_of(info["model_uri"], slices)
+    assert (logged["mnist_test"] == predicted["mnist_test"]).mean() > 0.995
+
+    test = slices["mnist_test"]
+    others = {**slices, "mnist_test": Arrays(test.x[::-1].copy(), test.y[::-1].copy())}
+    assert judged.logged_digits(info["run_id"], others) is None
+    again = digits_of(info["run_id"], info["model_uri"], others)
+    assert (again["mnist_test"] == predicted["mnist_test"][::-1]).mean() > 0.995

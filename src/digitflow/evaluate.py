@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import pandas as pd
 
-from . import plots, tracking
+from . import judged, plots, tracking
 from .config import RECENT, Params, Paths
 from .contract import StageResult
 from .metrics import confusion, per_class_report
@@ -82,8 +82,10 @@ def evaluate(paths: Paths, params: Params) -> dict[str, float]:
     matrix = confusion(test.y, predicted)
     metrics = {**slice_metrics("test", test.y, scores), f"n_{RECENT}": len(recent.y)}
     datasets = {"test": (test.x, test.y)}
+    digits = {MNIST_TEST: predicted, RECENT: np.zeros(0, dtype=np.int64)}
     if len(recent.y):
         recent_scores = score(model, recent)
+        digits[RECENT] = recent_scores.predicted
         metrics.update(slice_metrics(RECENT, recent.y, recent_scores))
         recent_report = per_class_report(recent.y, recent_scores.predicted)
         report = pd.concat([report, recent_report.assign(slice=RECENT)], ignore_index=True)
@@ -93,6 +95,7 @@ def evaluate(paths: Paths, params: Params) -> dict[str, float]:
     files = _write_outputs(out, test, scores, report, matrix, metrics, params.train.seed)
     client = mlflow.MlflowClient()
     tracking.log_datasets(run_id, paths, datasets)
+    judged.log_digits(run_id, {MNIST_TEST: test, RECENT: recent}, digits)
     for key, value in metrics.items():
         client.log_metric(run_id, key, float(value))
     for file in files:

@@ -6,7 +6,6 @@ import json
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from .config import RECENT, Params, Paths
 from .contract import StageResult
@@ -28,6 +27,8 @@ def stratified_subset(labels: np.ndarray, size: int | None, seed: int) -> np.nda
     everything = np.arange(len(labels))
     if size is None or size >= len(labels):
         return everything
+    from sklearn.model_selection import train_test_split  # here: see preprocess()
+
     subset, _ = train_test_split(everything, train_size=size, stratify=labels, random_state=seed)
     return np.sort(subset)
 
@@ -44,6 +45,10 @@ def split_file(paths: Paths, split: str):
 def preprocess(paths: Paths, params: Params) -> dict[str, int]:
     """data/ -> artifacts/processed/{train,val,test,recent}.npz; returns the size of each split.
     `recent` is the holdout parts of the admitted batches, as stored (maybe empty)."""
+    # Imported here: sklearn takes over a second to import, and the stages that only load the
+    # splits this writes (train, evaluate, register) need none of it.
+    from sklearn.model_selection import train_test_split
+
     raw = load_raw(paths, params.data)
     seed = params.preprocess.seed
     train_idx = stratified_subset(raw["train"].labels, params.data.max_train_samples, seed)

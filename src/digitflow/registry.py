@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -11,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from . import tracking
+from . import judged, tracking
 from .config import Params, Paths
 from .contract import StageResult
 from .errors import DigitflowError
@@ -112,9 +111,7 @@ def test_set_fingerprint(paths: Paths) -> str:
     from .preprocess import load_split
 
     test = load_split(paths, "test")
-    digest = hashlib.sha256(test.x.tobytes())
-    digest.update(test.y.tobytes())
-    return digest.hexdigest()
+    return judged.fingerprint(test.x, test.y)
 
 
 def consider(
@@ -172,22 +169,37 @@ def predictions_of(model_uri: str, evaluation: dict[str, Any]) -> dict[str, np.n
     return {name: predicted_digits(model, arrays.x) for name, arrays in evaluation.items()}
 
 
+def digits_of(run_id: str, model_uri: str, evaluation: dict[str, Any]) -> dict[str, np.ndarray]:
+    """A run's model's digit for each image of each slice: those its evaluation logged when
+    they are for these very images, else predicted by the model (loaded for it)."""
+    logged = judged.logged_digits(run_id, evaluation)
+    return logged if logged is not None else predictions_of(model_uri, evaluation)
+
+
 def paired_verdict(
     params: Params,
     evaluation: dict[str, Any],
     challenger: dict[str, np.ndarray],
-    champion_uri: str | None,
+    champion_version: str | None,
 ) -> Verdict:
     """Champion and challenger predict the same evaluation images; the promotion rules judge
     (with no champion, the challenger stands in for it and only the gate applies)."""
-    champion = challenger if champion_uri is None else predictions_of(champion_uri, evaluation)
+    model_name = params.mlflow.registered_model
+    champion = challenger
+    if champion_version is not None:
+        run_id = _client().get_model_version(model_name, champion_version).run_id
+        champion = digits_of(run_id, f"models:/{model_name}/{champion_version}", evaluation)
     slices = {
         name: SlicePredictions(arrays.y, champion[name], challenger[name])
         for name, arrays in evaluation.items()
     }
     policy = params.promotion
     return judge(
-        slices, policy.min_accuracy, policy.max_regression, policy.alpha, champion_uri is not None
+        slices,
+        policy.min_accuracy,
+        policy.max_regression,
+        policy.alpha,
+        champion_version is not None,
     )
 
 
@@ -224,14 +236,12 @@ def register_run(
         tags = {**_version_tags(run, test_accuracy), TEST_SET_TAG: fingerprint}
         version = str(mlflow.register_model(model_uri, name, tags=tags).version)
     evaluation = evaluation_slices(paths)
-    challenger = predictions_of(model_uri, evaluation)
+    challenger = digits_of(run_id, model_uri, evaluation)
     decision = consider(
         name,
         version,
         test_accuracy,
-        lambda champion: paired_verdict(
-            params, evaluation, challenger, champion and f"models:/{name}/{champion}"
-        ),
+        lambda champion: paired_verdict(params, evaluation, challenger, champion),
     )
     for key, value in decision.tags().items():
         client.set_tag(run_id, key, value)
