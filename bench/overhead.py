@@ -9,6 +9,13 @@ is reported for:
   dvc          - `dvc repro -f` (each stage its own `digitflow STAGE` process)
 A last round times each stage command on its own, to show where the extra time goes.
 
+Each run's fit is timed too (the plain script's `fit_seconds`, the train stage's
+`train_seconds`), so that its fixed cost (wall minus fit: imports, data, validation,
+evaluation, logging, registration) is known. On a noisy machine the same 10-epoch fit varies
+by tens of seconds between runs, more than the overhead being measured; besides the ratio of
+median walls, each side's ratio at equal fit is reported:
+(plain fit + side's fixed cost) / (plain fit + plain's fixed cost), medians.
+
     python bench/overhead.py [--rounds 2]
 """
 
@@ -48,6 +55,7 @@ def main() -> None:
     sides = ("plain", "flow", "flow_server", "dvc")
     walls: dict[str, list[float]] = {side: [] for side in sides}
     accuracy: dict[str, list[float]] = {side: [] for side in sides}
+    fits: dict[str, list[float]] = {side: [] for side in sides}
     commands = {
         "plain": plain_cmd,
         "flow": ["digitflow", "run", "--force"],
@@ -62,20 +70,37 @@ def main() -> None:
                 wall, output = timed(commands[side], work, envs[side])
                 walls[side].append(round(wall, 2))
                 if side == "plain":
-                    accuracy[side].append(_last_json(output)["test_accuracy"])
+                    figures = _last_json(output)
+                    accuracy[side].append(figures["test_accuracy"])
+                    fits[side].append(round(figures["fit_seconds"], 2))
                 else:
-                    metrics = json.loads(
-                        (work / "reports" / "evaluation" / "metrics.json").read_text()
-                    )
+                    reports = work / "reports"
+                    metrics = json.loads((reports / "evaluation" / "metrics.json").read_text())
                     accuracy[side].append(metrics["test_accuracy"])
-                print(f"round {round_index + 1}: {side} {wall:.1f} s", flush=True)
+                    trained = json.loads((reports / "train_metrics.json").read_text())
+                    fits[side].append(trained["train_seconds"])
+                print(
+                    f"round {round_index + 1}: {side} {wall:.1f} s (fit {fits[side][-1]:.1f} s)",
+                    flush=True,
+                )
     stage_seconds = {stage: round(timed(["digitflow", stage], work, env)[0], 2) for stage in STAGES}
+    fixed = {
+        side: median([w - f for w, f in zip(walls[side], fits[side], strict=True)])
+        for side in sides
+    }
+    plain_fit = median(fits["plain"])
     figures = {
         "settings": TUTORIAL,
         "rounds": args.rounds,
         "wall_seconds": walls,
         "test_accuracy": accuracy,
         "median_seconds": {side: median(values) for side, values in walls.items()},
+        "fit_seconds": fits,
+        "median_fit_seconds": {side: median(values) for side, values in fits.items()},
+        "median_fixed_seconds": {side: round(value, 2) for side, value in fixed.items()},
+        "ratio_at_equal_fit": {
+            side: (plain_fit + fixed[side]) / (plain_fit + fixed["plain"]) for side in sides[1:]
+        },
         "ratio_flow_over_plain": median(walls["flow"]) / median(walls["plain"]),
         "ratio_flow_server_over_plain": median(walls["flow_server"]) / median(walls["plain"]),
         "ratio_dvc_over_plain": median(walls["dvc"]) / median(walls["plain"]),
@@ -91,6 +116,8 @@ def main() -> None:
                     "ratio_flow_over_plain",
                     "ratio_flow_server_over_plain",
                     "ratio_dvc_over_plain",
+                    "median_fixed_seconds",
+                    "ratio_at_equal_fit",
                     "stage_command_seconds",
                 )
             },
