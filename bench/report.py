@@ -42,6 +42,17 @@ def latency_ms(load: dict, percentile: str) -> str:
     return f"{exact:.1f} ms" if exact is not None else f"{load[f'{percentile}_ms']:.0f} ms"
 
 
+def equal_fit(overhead: dict, side: str) -> str:
+    """'; at equal fit R (fixed cost F s against P s)' where the file times the fits."""
+    if "ratio_at_equal_fit" not in overhead:
+        return ""
+    fixed = overhead["median_fixed_seconds"]
+    return (
+        f"; at equal fit {overhead['ratio_at_equal_fit'][side]:.2f} (fixed cost "
+        f"{fixed[side]:.0f} s against the plain script's {fixed['plain']:.0f} s)"
+    )
+
+
 def table() -> str:
     """One row per figure: value, the command that measures it, its result file and machine."""
     rows = [
@@ -69,17 +80,19 @@ def table() -> str:
         medians = overhead["median_seconds"]
         rows.append(
             f"| pipeline overhead, Prefect flow / plain script | {overhead['ratio_flow_over_plain']:.2f} "
-            f"({medians['flow']:.0f} s / {medians['plain']:.0f} s) | `python bench/overhead.py` | `{overhead['file']}` ({machine_of(overhead)}) |"
+            f"({medians['flow']:.0f} s / {medians['plain']:.0f} s){equal_fit(overhead, 'flow')} "
+            f"| `python bench/overhead.py` | `{overhead['file']}` ({machine_of(overhead)}) |"
         )
         if "flow_server" in medians:
             rows.append(
                 f"| pipeline overhead, Prefect flow on a running server / plain script | "
                 f"{overhead['ratio_flow_server_over_plain']:.2f} ({medians['flow_server']:.0f} s / "
-                f"{medians['plain']:.0f} s) | same | same |"
+                f"{medians['plain']:.0f} s){equal_fit(overhead, 'flow_server')} | same | same |"
             )
         rows.append(
             f"| pipeline overhead, `dvc repro -f` / plain script | {overhead['ratio_dvc_over_plain']:.2f} "
-            f"({medians['dvc']:.0f} s / {medians['plain']:.0f} s) | same | same |"
+            f"({medians['dvc']:.0f} s / {medians['plain']:.0f} s){equal_fit(overhead, 'dvc')} "
+            "| same | same |"
         )
     for throughput in newest_each_cpu("throughput"):
         rates = throughput["median_samples_per_second"]
