@@ -159,3 +159,15 @@ def test_submit_needs_images_or_files_with_a_preparation() -> None:
             await batcher.stop()
 
     asyncio.run(scenario())
+
+
+def test_model_threads_leave_each_worker_a_core_for_its_python(monkeypatch) -> None:
+    import os
+
+    from digitflow.serving import model_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(8)))  # an 8-core machine
+    assert [model_threads(0, workers) for workers in (1, 2, 4, 8, 16)] == [7, 3, 1, 1, 1]
+    assert model_threads(3, 1) == 3  # a setting is taken as it is
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1})
+    assert model_threads(0, 1) == 1

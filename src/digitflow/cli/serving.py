@@ -164,13 +164,14 @@ def serve(
     """HTTP API (POST /predict, POST /feedback, GET /health, /docs) and a drawing page at / for
     the champion; every answer is logged for corrections. Concurrent requests share model calls
     (serve.batch_wait_ms, serve.batch_max_images)."""
+    from ..serving import model_threads, serve_workers, use_model_threads
     from ..serving import serve as run_server
-    from ..serving import serve_workers
 
     project, params = configured(root)
     settings = params.serve
     bind_host, bind_port = host or settings.host, port or settings.port
     process_count = workers or settings.workers
+    use_model_threads(model_threads(settings.model_threads, process_count))
     if process_count > 1:
         _load_model(project, params, model_uri)  # fail here, clearly, before the workers start
         console.print(
