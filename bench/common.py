@@ -16,6 +16,21 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
+# The classic tutorial's settings as params overrides: its model, 10 epochs, batch 128, constant
+# learning rate, 20% validation, no augmentation, no early stopping, float32.
+TUTORIAL = {
+    "model.architecture": "seed_cnn",
+    "model.augment_rotation": 0,
+    "model.augment_shift": 0,
+    "model.augment_zoom": 0,
+    "train.epochs": 10,
+    "train.batch_size": 128,
+    "train.lr_schedule": "constant",
+    "train.learning_rate": 0.001,
+    "train.early_stopping_patience": 10,
+    "preprocess.val_fraction": 0.2,
+    "train.precision": "float32",
+}
 PACKAGES = ("tensorflow-cpu", "keras", "prefect", "mlflow", "dvc", "great-expectations", "numpy")
 
 

@@ -24,21 +24,16 @@ from __future__ import annotations
 import argparse
 import json
 
-from common import REPO, median, prefect_server, project_copy, timed, write_result
+from common import (
+    REPO,
+    TUTORIAL,
+    median,
+    prefect_server,
+    project_copy,
+    timed,
+    write_result,
+)
 
-TUTORIAL = {
-    "model.architecture": "seed_cnn",
-    "model.augment_rotation": 0,
-    "model.augment_shift": 0,
-    "model.augment_zoom": 0,
-    "train.epochs": 10,
-    "train.batch_size": 128,
-    "train.lr_schedule": "constant",
-    "train.learning_rate": 0.001,
-    "train.early_stopping_patience": 10,
-    "preprocess.val_fraction": 0.2,
-    "train.precision": "float32",
-}
 STAGES = ("validate", "preprocess", "train", "evaluate", "register")
 
 
