@@ -65,9 +65,9 @@ def main() -> None:
                 wall, output = timed(commands[side], work, envs[side])
                 walls[side].append(round(wall, 2))
                 if side == "plain":
-                    figures = _last_json(output)
-                    accuracy[side].append(figures["test_accuracy"])
-                    fits[side].append(round(figures["fit_seconds"], 2))
+                    printed = _last_json(output)
+                    accuracy[side].append(printed["test_accuracy"])
+                    fits[side].append(round(printed["fit_seconds"], 2))
                 else:
                     reports = work / "reports"
                     metrics = json.loads((reports / "evaluation" / "metrics.json").read_text())

@@ -138,13 +138,14 @@ def test_register_judges_from_the_logged_digits_and_predicts_again_for_other_ima
     assert run([sys.executable, "-c", script], own.root).stdout.strip().endswith("[]")
 
     slices = evaluation_slices(own)
-    logged = judged.logged_digits(info["run_id"], slices)
+    logged = judged.logged_digits(info["run_id"], judged.fingerprints(slices))
     assert logged is not None and len(logged["mnist_test"]) == len(slices["mnist_test"].y)
     predicted = predictions_of(info["model_uri"], slices)
     assert (logged["mnist_test"] == predicted["mnist_test"]).mean() > 0.995
 
     test = slices["mnist_test"]
     others = {**slices, "mnist_test": Arrays(test.x[::-1].copy(), test.y[::-1].copy())}
-    assert judged.logged_digits(info["run_id"], others) is None
-    again = digits_of(info["run_id"], info["model_uri"], others)
+    printed = judged.fingerprints(others)
+    assert judged.logged_digits(info["run_id"], printed) is None
+    again = digits_of(info["run_id"], info["model_uri"], others, printed)
     assert (again["mnist_test"] == predicted["mnist_test"][::-1]).mean() > 0.995

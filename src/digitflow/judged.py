@@ -28,23 +28,29 @@ def fingerprint(x: np.ndarray, y: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+def fingerprints(slices: dict[str, Any]) -> dict[str, str]:
+    """The fingerprint of each slice (arrays with `x` and `y`), by name."""
+    return {name: fingerprint(arrays.x, arrays.y) for name, arrays in slices.items()}
+
+
 def log_digits(run_id: str, slices: dict[str, Any], digits: dict[str, np.ndarray]) -> None:
     """Log each slice's predicted digits and its images' fingerprint to the run."""
     import mlflow
 
+    printed = fingerprints(slices)
     arrays: dict[str, np.ndarray] = {}
     for name, digits_of_slice in digits.items():
         arrays[f"{name}.digits"] = np.asarray(digits_of_slice, dtype=np.int64)
-        arrays[f"{name}.fingerprint"] = np.array(fingerprint(slices[name].x, slices[name].y))
+        arrays[f"{name}.fingerprint"] = np.array(printed[name])
     with tempfile.TemporaryDirectory() as folder:
         file = Path(folder) / ARTIFACT_FILE
         np.savez(file, **arrays)
         mlflow.MlflowClient().log_artifact(run_id, str(file), artifact_path=ARTIFACT_DIR)
 
 
-def logged_digits(run_id: str, slices: dict[str, Any]) -> dict[str, np.ndarray] | None:
-    """The run's logged digits for these slices, or None when it logged none or logged them
-    for other images than these."""
+def logged_digits(run_id: str, printed: dict[str, str]) -> dict[str, np.ndarray] | None:
+    """The run's logged digits for the slices whose fingerprints are `printed` (by name), or
+    None when it logged none or logged them for other images than these."""
     from mlflow.exceptions import MlflowException
 
     import mlflow
@@ -59,8 +65,8 @@ def logged_digits(run_id: str, slices: dict[str, Any]) -> dict[str, np.ndarray] 
         with np.load(local) as stored:
             found = {key: stored[key] for key in stored.files}
     judged: dict[str, np.ndarray] = {}
-    for name, arrays in slices.items():
-        if str(found.get(f"{name}.fingerprint", "")) != fingerprint(arrays.x, arrays.y):
+    for name, expected in printed.items():
+        if str(found.get(f"{name}.fingerprint", "")) != expected:
             return None
         judged[name] = found[f"{name}.digits"]
     return judged

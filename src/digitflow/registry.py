@@ -106,14 +106,6 @@ def _audit(name: str, action: str, **details: str) -> None:
     )
 
 
-def test_set_fingerprint(paths: Paths) -> str:
-    """sha256 of the processed test split (images and labels): what a score was measured on."""
-    from .preprocess import load_split
-
-    test = load_split(paths, "test")
-    return judged.fingerprint(test.x, test.y)
-
-
 def consider(
     name: str,
     version: str,
@@ -169,26 +161,32 @@ def predictions_of(model_uri: str, evaluation: dict[str, Any]) -> dict[str, np.n
     return {name: predicted_digits(model, arrays.x) for name, arrays in evaluation.items()}
 
 
-def digits_of(run_id: str, model_uri: str, evaluation: dict[str, Any]) -> dict[str, np.ndarray]:
+def digits_of(
+    run_id: str, model_uri: str, evaluation: dict[str, Any], printed: dict[str, str]
+) -> dict[str, np.ndarray]:
     """A run's model's digit for each image of each slice: those its evaluation logged when
-    they are for these very images, else predicted by the model (loaded for it)."""
-    logged = judged.logged_digits(run_id, evaluation)
+    they are for these very images (`printed`: the slices' fingerprints), else predicted by the
+    model (loaded for it)."""
+    logged = judged.logged_digits(run_id, printed)
     return logged if logged is not None else predictions_of(model_uri, evaluation)
 
 
 def paired_verdict(
     params: Params,
     evaluation: dict[str, Any],
+    printed: dict[str, str],
     challenger: dict[str, np.ndarray],
     champion_version: str | None,
 ) -> Verdict:
-    """Champion and challenger predict the same evaluation images; the promotion rules judge
-    (with no champion, the challenger stands in for it and only the gate applies)."""
+    """Champion and challenger predict the same evaluation images (`printed`: their
+    fingerprints); the promotion rules judge (with no champion, the challenger stands in for it
+    and only the gate applies)."""
     model_name = params.mlflow.registered_model
     champion = challenger
     if champion_version is not None:
         run_id = _client().get_model_version(model_name, champion_version).run_id
-        champion = digits_of(run_id, f"models:/{model_name}/{champion_version}", evaluation)
+        uri = f"models:/{model_name}/{champion_version}"
+        champion = digits_of(run_id, uri, evaluation, printed)
     slices = {
         name: SlicePredictions(arrays.y, champion[name], challenger[name])
         for name, arrays in evaluation.items()
@@ -230,18 +228,18 @@ def register_run(
     name = params.mlflow.registered_model
     client = _client()
     run = client.get_run(run_id)
-    fingerprint = test_set_fingerprint(paths)
+    evaluation = evaluation_slices(paths)
+    printed = judged.fingerprints(evaluation)  # once: the test split's is also a version tag
     version = _version_of_run(name, run_id)
     if version is None:
-        tags = {**_version_tags(run, test_accuracy), TEST_SET_TAG: fingerprint}
+        tags = {**_version_tags(run, test_accuracy), TEST_SET_TAG: printed[MNIST_TEST]}
         version = str(mlflow.register_model(model_uri, name, tags=tags).version)
-    evaluation = evaluation_slices(paths)
-    challenger = digits_of(run_id, model_uri, evaluation)
+    challenger = digits_of(run_id, model_uri, evaluation, printed)
     decision = consider(
         name,
         version,
         test_accuracy,
-        lambda champion: paired_verdict(params, evaluation, challenger, champion),
+        lambda champion: paired_verdict(params, evaluation, printed, challenger, champion),
     )
     for key, value in decision.tags().items():
         client.set_tag(run_id, key, value)
