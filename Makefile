@@ -6,7 +6,7 @@ BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 UI_PORT ?= 5000
 
-.PHONY: help install run test test-fast deps lint format ui repro clean bench-overhead bench-throughput bench-noop bench-validation bench-accuracy bench-serving bench-prediction-log bench-monitor bench-sweep mlflow-server
+.PHONY: help install run test test-fast deps lint format ui repro clean bench-overhead bench-throughput bench-cores bench-noop bench-validation bench-accuracy bench-serving bench-prediction-log bench-monitor bench-sweep mlflow-server
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -65,6 +65,9 @@ bench-overhead: install  ## Plain tutorial script vs the whole pipeline: flow, f
 
 bench-throughput: install  ## Samples/s: the train stage's tf.data input path vs numpy arrays
 	python bench/throughput.py
+
+bench-cores: install  ## Training's CPU utilisation under thread settings, and the machine's pace
+	python bench/cores.py
 
 bench-noop: install  ## Cost of `dvc repro` and a flow run when nothing changed
 	python bench/noop.py

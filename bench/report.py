@@ -101,6 +101,20 @@ def table() -> str:
             f"({rates['pipeline']:.0f} / {rates['numpy']:.0f} samples/s); with augmentation on: "
             f"{throughput['ratio_augmented_over_numpy']:.2f} | `python bench/throughput.py` | `{throughput['file']}` ({machine_of(throughput)}) |"
         )
+    for cores in newest_each_cpu("cores"):
+        parts = []
+        for setting, trials in cores["trials"].items():
+            rates = [trial["images_per_s"] for trial in trials]
+            summary = cores["summary"][setting]
+            parts.append(
+                f"{setting} {100 * summary['cpu_utilisation_median']:.0f}% "
+                f"(max {100 * summary['cpu_utilisation_max']:.0f}%), {min(rates):.0f}-{max(rates):.0f} images/s"
+            )
+        rows.append(
+            f"| training steps ({cores['settings']['steps']}, `digit_cnn` float32, {len(trials)} trials "
+            f"each): CPU utilisation median and images/s range by thread setting | {'; '.join(parts)} "
+            f"| `python bench/cores.py` | `{cores['file']}` ({machine_of(cores)}) |"
+        )
     for noop in newest_each_cpu("noop"):
         medians = noop["median_seconds"]
         server = f" / {medians['flow_run_server']:.1f} s" if "flow_run_server" in medians else ""

@@ -1,0 +1,166 @@
+"""What holds training below the machine's cores: short fits under thread settings, and the
+machine's own pace.
+
+python bench/cores.py [--rounds 3] [--steps 150]
+
+Each trial is a fresh process (TensorFlow's thread pools are fixed at start-up) that trains the
+default model (`digit_cnn`, float32, batch 128) for --steps steps after a warm-up, and records
+training images/s, the process's CPU utilisation (CPU seconds / (wall x cores)) and each core's
+busy share from /proc/stat over those steps. Settings, alternating round by round:
+  default          - TensorFlow's own thread pools (one thread per core for each)
+  intra_1          - TF_NUM_INTRAOP_THREADS=1, TF_NUM_INTEROP_THREADS=2: ops run one thread
+                     each, two at a time
+  intra_4          - TF_NUM_INTRAOP_THREADS=4: finer shards than cores
+  fixed_batch      - default threads, one batch held in memory and fed again and again: no
+                     input pipeline at all
+Before each trial, the machine's pace: one busy-loop process per core for --spin seconds, the
+loop iterations each completed per second (a core the host shares or caps completes fewer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+from common import median, project_copy, timed, write_result
+
+SETTINGS: dict[str, dict[str, str]] = {
+    "default": {},
+    "intra_1": {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "2"},
+    "intra_4": {"TF_NUM_INTRAOP_THREADS": "4"},
+    "fixed_batch": {},
+}
+BATCH = 128
+WARM_STEPS = 20
+
+
+def _spin(seconds: float) -> float:
+    """Millions of loop iterations per second on one core."""
+    count, end = 0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for _ in range(10_000):
+            count += 1
+    return count / seconds / 1e6
+
+
+def machine_pace(seconds: float) -> list[float]:
+    """Loop iterations per second (millions) of one busy process per core, side by side."""
+    cores = len(os.sched_getaffinity(0))
+    with Pool(cores) as pool:
+        return [round(rate, 1) for rate in pool.map(_spin, [seconds] * cores)]
+
+
+def core_counters() -> list[list[int]]:
+    """/proc/stat's counters for each core (user, nice, system, idle, iowait, ...)."""
+    with open("/proc/stat") as stat:
+        rows = [line.split() for line in stat if line.startswith("cpu") and line[3] != " "]
+    return [[int(value) for value in row[1:]] for row in rows]
+
+
+def trial(work: Path, setting: str, steps: int) -> dict:
+    """In a fresh process: a short fit, its images/s, CPU utilisation and per-core busy share."""
+    import numpy as np
+    import tensorflow as tf
+
+    sys.path.insert(0, str(work / "src"))
+    from digitflow import config, inputs
+    from digitflow.model import build_model
+    from digitflow.preprocess import load_split
+    from digitflow.train import optimizer
+
+    params = config.load_params(work / "params.yaml")
+    fit = load_split(config.paths(work), "train")
+    model = build_model(params.model)
+    model.compile(
+        optimizer=optimizer(params.train, len(fit.y) // BATCH),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    if setting == "fixed_batch":
+        batch = (tf.constant(fit.x[:BATCH]), tf.constant(fit.y[:BATCH].astype(np.int32)))
+        data = tf.data.Dataset.from_tensors(batch).repeat()
+    else:
+        data = inputs.training_dataset(fit, BATCH, params.train.seed, params.model).repeat()
+    model.fit(data, steps_per_epoch=WARM_STEPS, epochs=1, verbose=0)
+    before, cpu_before, started = core_counters(), os.times(), time.perf_counter()
+    model.fit(data, steps_per_epoch=steps, epochs=1, verbose=0)
+    wall, cpu_after, after = time.perf_counter() - started, os.times(), core_counters()
+    cpu = (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
+    busy = []
+    for first, last in zip(before, after, strict=True):
+        spent = [b - a for a, b in zip(first, last, strict=True)]
+        busy.append(round(1 - (spent[3] + spent[4]) / sum(spent), 3))
+    return {
+        "images_per_s": round(steps * BATCH / wall, 1),
+        "cpu_utilisation": round(cpu / (wall * len(os.sched_getaffinity(0))), 3),
+        "core_busy": busy,
+        "seconds": round(wall, 2),
+    }
+
+
+def run_trial(work: Path, setting: str, steps: int) -> dict:
+    """One trial in a subprocess with the setting's environment."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **SETTINGS[setting]}
+    command = [sys.executable, __file__, "--trial", setting, "--work", str(work)]
+    done = subprocess.run(
+        [*command, "--steps", str(steps)], env=env, capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"trial {setting} exited {done.returncode}:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--spin", type=float, default=4.0, help="seconds of the pace check")
+    parser.add_argument("--trial", choices=list(SETTINGS), help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.trial:
+        print(json.dumps(trial(args.work, args.trial, args.steps)))
+        return
+    work = project_copy("cores", {"train.precision": "float32"})
+    timed(["digitflow", "preprocess"], work)
+    trials: dict[str, list[dict]] = {name: [] for name in SETTINGS}
+    for round_number in range(1, args.rounds + 1):
+        for name in SETTINGS:
+            pace = machine_pace(args.spin)
+            result = {**run_trial(work, name, args.steps), "machine_pace": pace}
+            trials[name].append(result)
+            print(f"round {round_number} {name}: {result}", flush=True)
+    summary = {
+        name: {
+            "images_per_s_median": median([t["images_per_s"] for t in rows]),
+            "cpu_utilisation_median": median([t["cpu_utilisation"] for t in rows]),
+            "cpu_utilisation_max": max(t["cpu_utilisation"] for t in rows),
+        }
+        for name, rows in trials.items()
+    }
+    write_result(
+        "cores",
+        {
+            "settings": {
+                "rounds": args.rounds,
+                "steps": args.steps,
+                "batch": BATCH,
+                "spin_seconds": args.spin,
+                "environments": SETTINGS,
+            },
+            "trials": trials,
+            "summary": summary,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
