@@ -13,6 +13,8 @@ busy share from /proc/stat over those steps. Settings, alternating round by roun
   intra_4          - TF_NUM_INTRAOP_THREADS=4: finer shards than cores
   fixed_batch      - default threads, one batch held in memory and fed again and again: no
                      input pipeline at all
+  batch_256        - default threads, batches of 256 (the same images per trial: half the
+                     steps)
 Before each trial, the machine's pace: one busy-loop process per core for --spin seconds, the
 loop iterations each completed per second (a core the host shares or caps completes fewer).
 """
@@ -35,8 +37,10 @@ SETTINGS: dict[str, dict[str, str]] = {
     "intra_1": {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "2"},
     "intra_4": {"TF_NUM_INTRAOP_THREADS": "4"},
     "fixed_batch": {},
+    "batch_256": {},
 }
 BATCH = 128
+BATCH_OF = {"batch_256": 256}  # settings that train on other batch sizes
 WARM_STEPS = 20
 
 
@@ -64,7 +68,8 @@ def core_counters() -> list[list[int]]:
 
 
 def trial(work: Path, setting: str, steps: int) -> dict:
-    """In a fresh process: a short fit, its images/s, CPU utilisation and per-core busy share."""
+    """In a fresh process: a short fit (`steps` of BATCH images' worth), its images/s, CPU
+    utilisation and per-core busy share."""
     import numpy as np
     import tensorflow as tf
 
@@ -77,8 +82,10 @@ def trial(work: Path, setting: str, steps: int) -> dict:
     params = config.load_params(work / "params.yaml")
     fit = load_split(config.paths(work), "train")
     model = build_model(params.model)
+    batch_size = BATCH_OF.get(setting, BATCH)
+    steps = steps * BATCH // batch_size
     model.compile(
-        optimizer=optimizer(params.train, len(fit.y) // BATCH),
+        optimizer=optimizer(params.train, len(fit.y) // batch_size),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
@@ -86,7 +93,7 @@ def trial(work: Path, setting: str, steps: int) -> dict:
         batch = (tf.constant(fit.x[:BATCH]), tf.constant(fit.y[:BATCH].astype(np.int32)))
         data = tf.data.Dataset.from_tensors(batch).repeat()
     else:
-        data = inputs.training_dataset(fit, BATCH, params.train.seed, params.model).repeat()
+        data = inputs.training_dataset(fit, batch_size, params.train.seed, params.model).repeat()
     model.fit(data, steps_per_epoch=WARM_STEPS, epochs=1, verbose=0)
     before, cpu_before, started = core_counters(), os.times(), time.perf_counter()
     model.fit(data, steps_per_epoch=steps, epochs=1, verbose=0)
@@ -97,7 +104,7 @@ def trial(work: Path, setting: str, steps: int) -> dict:
         spent = [b - a for a, b in zip(first, last, strict=True)]
         busy.append(round(1 - (spent[3] + spent[4]) / sum(spent), 3))
     return {
-        "images_per_s": round(steps * BATCH / wall, 1),
+        "images_per_s": round(steps * batch_size / wall, 1),
         "cpu_utilisation": round(cpu / (wall * len(os.sched_getaffinity(0))), 3),
         "core_busy": busy,
         "seconds": round(wall, 2),
@@ -153,6 +160,7 @@ def main() -> None:
                 "rounds": args.rounds,
                 "steps": args.steps,
                 "batch": BATCH,
+                "batch_of": BATCH_OF,
                 "spin_seconds": args.spin,
                 "environments": SETTINGS,
             },
