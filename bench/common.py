@@ -122,6 +122,15 @@ def project_copy(name: str, overrides: dict | None = None) -> Path:
     return work
 
 
+def busy_seconds(per_core: bool = False) -> list[tuple[float, float]]:
+    """(busy, all) CPU seconds so far: one pair for the whole machine (summed over its cores), or
+    one per core. Idle and I/O wait count as not busy."""
+    import psutil
+
+    rows = psutil.cpu_times(percpu=True) if per_core else [psutil.cpu_times()]
+    return [(sum(t) - t.idle - getattr(t, "iowait", 0.0), sum(t)) for t in rows]
+
+
 def median(values: list[float]) -> float:
     ordered = sorted(values)
     middle = len(ordered) // 2

@@ -6,7 +6,7 @@ python bench/cores.py [--rounds 3] [--steps 150]
 Each trial is a fresh process (TensorFlow's thread pools are fixed at start-up) that trains the
 default model (`digit_cnn`, float32, batch 128) for --steps steps after a warm-up, and records
 training images/s, the process's CPU utilisation (CPU seconds / (wall x cores)) and each core's
-busy share from /proc/stat over those steps. Settings, alternating round by round:
+busy share (psutil) over those steps. Settings, alternating round by round:
   default          - TensorFlow's own thread pools (one thread per core for each)
   intra_1          - TF_NUM_INTRAOP_THREADS=1, TF_NUM_INTEROP_THREADS=2: ops run one thread
                      each, two at a time
@@ -30,7 +30,7 @@ import time
 from multiprocessing import Pool
 from pathlib import Path
 
-from common import median, project_copy, timed, write_result
+from common import busy_seconds, median, project_copy, timed, write_result
 
 SETTINGS: dict[str, dict[str, str]] = {
     "default": {},
@@ -58,13 +58,6 @@ def machine_pace(seconds: float) -> list[float]:
     cores = len(os.sched_getaffinity(0))
     with Pool(cores) as pool:
         return [round(rate, 1) for rate in pool.map(_spin, [seconds] * cores)]
-
-
-def core_counters() -> list[list[int]]:
-    """/proc/stat's counters for each core (user, nice, system, idle, iowait, ...)."""
-    with open("/proc/stat") as stat:
-        rows = [line.split() for line in stat if line.startswith("cpu") and line[3] != " "]
-    return [[int(value) for value in row[1:]] for row in rows]
 
 
 def trial(work: Path, setting: str, steps: int) -> dict:
@@ -95,14 +88,14 @@ def trial(work: Path, setting: str, steps: int) -> dict:
     else:
         data = inputs.training_dataset(fit, batch_size, params.train.seed, params.model).repeat()
     model.fit(data, steps_per_epoch=WARM_STEPS, epochs=1, verbose=0)
-    before, cpu_before, started = core_counters(), os.times(), time.perf_counter()
+    before, cpu_before, started = busy_seconds(per_core=True), os.times(), time.perf_counter()
     model.fit(data, steps_per_epoch=steps, epochs=1, verbose=0)
-    wall, cpu_after, after = time.perf_counter() - started, os.times(), core_counters()
+    wall, cpu_after, after = time.perf_counter() - started, os.times(), busy_seconds(per_core=True)
     cpu = (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
-    busy = []
-    for first, last in zip(before, after, strict=True):
-        spent = [b - a for a, b in zip(first, last, strict=True)]
-        busy.append(round(1 - (spent[3] + spent[4]) / sum(spent), 3))
+    busy = [
+        round((busy_end - busy_start) / (all_end - all_start), 3)
+        for (busy_start, all_start), (busy_end, all_end) in zip(before, after, strict=True)
+    ]
     return {
         "images_per_s": round(steps * batch_size / wall, 1),
         "cpu_utilisation": round(cpu / (wall * len(os.sched_getaffinity(0))), 3),

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import REPO, median, project_copy, timed, write_result
+from common import REPO, busy_seconds, median, project_copy, timed, write_result
 
 QUICK = {
     "train.epochs": 3,
@@ -101,15 +101,6 @@ def thread_cpu_seconds(server_pid: int) -> dict[tuple[int, int], float]:
     return seconds
 
 
-def machine_busy_seconds() -> tuple[float, float]:
-    """(busy, all) CPU seconds of the whole machine so far, summed over its cores."""
-    import psutil
-
-    times = psutil.cpu_times()
-    idle = times.idle + getattr(times, "iowait", 0.0)
-    return sum(times) - idle, sum(times)
-
-
 def cpu_shares(server_pid: int, before: tuple, wall_s: float) -> dict:
     """Cores used during a load: by the server (all its processes), by its busiest thread
     (one event loop at 1.0 is the limit of one worker), and by the whole machine."""
@@ -117,7 +108,7 @@ def cpu_shares(server_pid: int, before: tuple, wall_s: float) -> dict:
 
     threads_before, (busy_before, all_before) = before
     threads_after = thread_cpu_seconds(server_pid)
-    busy_after, all_after = machine_busy_seconds()
+    busy_after, all_after = busy_seconds()[0]
     used = {key: value - threads_before.get(key, 0.0) for key, value in threads_after.items()}
     cores = psutil.cpu_count()
     return {
@@ -137,7 +128,7 @@ def locust(
     import pandas as pd
 
     bin_dir = Path(sys.executable).parent
-    before = thread_cpu_seconds(server_pid), machine_busy_seconds()
+    before = thread_cpu_seconds(server_pid), busy_seconds()[0]
     started = time.monotonic()
     subprocess.run(
         [
