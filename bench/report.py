@@ -39,6 +39,13 @@ def machine_of(result: dict) -> str:
     return f"{machine.get('cpu', 'CPU not recorded')}, {machine.get('date', '?')[:10]}"
 
 
+SERVER_LABELS = {  # bench/serving.py's servers
+    "1_worker": "1 worker",
+    "1_worker_in_thread": "1 worker, model calls in a thread (`--no-model-process`)",
+    "2_worker": "2 workers",
+}
+
+
 def latency_ms(load: dict, percentile: str) -> str:
     """A load's latency percentile: unrounded where the file has it, else locust's whole ms."""
     exact = load.get(f"{percentile}_ms_exact")
@@ -143,17 +150,18 @@ def table() -> str:
         if "load" not in serving:
             continue
         where = f"| `python bench/serving.py` | `{serving['file']}` ({machine_of(serving)}) |"
-        for workers in ("1_worker", "2_worker"):
+        servers = [key for key in SERVER_LABELS if key in serving["load"]]
+        for workers in servers:
             load, ratios = serving["load"][workers], serving["ratios"]
             one, many = load["1 client x1"], load["16 clients x1"]
             rows.append(
-                f"| `digitflow serve`, {workers.replace('_', ' ')}(s): 16 clients / 1 client, one "
+                f"| `digitflow serve`, {SERVER_LABELS[workers]}: 16 clients / 1 client, one "
                 f"image per request | {ratios[f'{workers}_16_over_1_client_throughput']:.2f}x "
                 f"({many['requests_per_s']:.0f} / {one['requests_per_s']:.0f} requests/s); p99 at 16 "
                 f"clients {latency_ms(many, 'p99')} = "
                 f"{ratios[f'{workers}_16_client_p99_over_1_client_p50']:.1f}x the 1-client p50 "
                 f"({latency_ms(one, 'p50')}); {serving['failed_requests']} failed requests "
-                + (where if workers == "1_worker" else "| same | same |")
+                + (where if workers == servers[0] else "| same | same |")
             )
         rates = serving["batch64_median_images_per_second"]
         rows.append(

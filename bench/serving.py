@@ -1,20 +1,23 @@
 """`digitflow serve` under concurrent load, and against `mlflow models serve` of the same model.
 
-python bench/serving.py [--seconds 20] [--images 256] [--rounds 3]
+python bench/serving.py [--seconds 10] [--repeats 3] [--images 256] [--rounds 3]
 
 Trains the default architecture briefly in a fresh clone (inference cost does not depend on how
 long it trained) and registers it as champion. Then, in the same run, on 127.0.0.1:
 - bounded load with locust (bench/locustfile.py, closed loop, --seconds each, prediction log
   on): 1 client and 16 clients sending one PNG per request, and 16 clients sending 16 per
-  request; for `digitflow serve` with 1 worker process and with 2. Requests/s, p50 and p99,
-  failures, how many requests shared a model call (/health), and the cores used meanwhile by
-  the server, by its busiest thread (an event loop at 1.0 is one worker's limit) and by the
-  whole machine, locust included (psutil);
+  request, in turn, --repeats times; against `digitflow serve` with 1 worker (its model calls in
+  a model process, the default), 1 worker making them in a thread (--no-model-process), and 2
+  workers. Requests/s, p50 and p99, failures, how many requests shared a model call (/health),
+  and the cores used meanwhile by the server, by its busiest thread and by the whole machine,
+  locust included (psutil); each figure the median over the repeats, every repeat kept;
 - 64-image batches, sequential, the same base64 PNGs as JSON to `digitflow serve` and to
   `mlflow models serve` of the same registered champion: images/s, alternating for --rounds.
-Ratios: 16-client over 1-client throughput, 16-client p99 over 1-client p50 (both from every
-request's unrounded response time: locust's own percentiles, also kept, are whole milliseconds,
-coarse against a one-client p50 of 3-4 ms), and digitflow over MLflow for 64-image batches.
+Ratios: 16-client over 1-client throughput and 16-client p99 over 1-client p50, each the median
+of the repeats' ratios (a repeat's 1-client and 16-client loads run back to back: this
+machine's pace drifts from minute to minute), from every request's unrounded response time
+(locust's own percentiles, also kept, are whole milliseconds); and digitflow over MLflow for
+64-image batches.
 """
 
 from __future__ import annotations
@@ -41,6 +44,11 @@ QUICK = {
 LOCUSTFILE = REPO / "bench" / "locustfile.py"
 BATCH = 64
 LOADS = {"1 client x1": (1, 1), "16 clients x1": (16, 1), "16 clients x16": (16, 16)}
+SERVERS = {  # `digitflow serve` options of each server measured
+    "1_worker": ["--workers", "1"],
+    "1_worker_in_thread": ["--workers", "1", "--no-model-process"],
+    "2_worker": ["--workers", "2"],
+}
 
 
 def free_port() -> int:
@@ -174,32 +182,46 @@ def locust(
     }
 
 
-def load_figures(work: Path, images: Path, workers: int, seconds: int) -> dict:
-    """The three loads against `digitflow serve --workers N`, warm-up first."""
+def summary(runs: list[dict]) -> dict:
+    """One load's repeats: counts summed, every rate, latency and share their median."""
+    counted = ("requests", "failures")
+    summed = {key: sum(run[key] for run in runs) for key in counted}
+    medians = {
+        key: median([run[key] for run in runs])
+        for key in runs[0]
+        if key not in counted and runs[0][key] is not None
+    }
+    return {**summed, **medians, "repeats": len(runs)}
+
+
+def load_figures(work: Path, images: Path, options: list[str], seconds: int, repeats: int) -> dict:
+    """The three loads against `digitflow serve OPTIONS`, warm-up first, repeated in turn
+    `repeats` times (the machine's pace drifts: each ratio is of neighbouring runs)."""
     import requests
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    server = start(
-        ["digitflow", "serve", "--port", str(port), "--workers", str(workers)],
-        work,
-        f"{base}/health",
-    )
+    server = start(["digitflow", "serve", "--port", str(port), *options], work, f"{base}/health")
+    workers = int(options[options.index("--workers") + 1])
+    runs: dict[str, list[dict]] = {name: [] for name in LOADS}
     try:
         locust(base, images, 4, 1, 3, work / "warm", server.pid)
-        figures = {}
-        for name, (users, batch) in LOADS.items():
-            before = requests.get(f"{base}/health", timeout=10).json()["batching"]
-            figures[name] = locust(base, images, users, batch, seconds, work / "load", server.pid)
-            after = requests.get(f"{base}/health", timeout=10).json()["batching"]
-            calls = after["model_calls"] - before["model_calls"]
-            shared = (after["requests"] - before["requests"]) / calls if calls else 0.0
-            # with several workers, /health answers from any one of them: no difference to take
-            figures[name]["requests_per_model_call"] = round(shared, 2) if workers == 1 else None
-            print(f"{workers} worker(s), {name}: {json.dumps(figures[name])}", flush=True)
-        return figures
+        for repeat in range(repeats):
+            for name, (users, batch) in LOADS.items():
+                before = requests.get(f"{base}/health", timeout=10).json()["batching"]
+                figures = locust(base, images, users, batch, seconds, work / "load", server.pid)
+                after = requests.get(f"{base}/health", timeout=10).json()["batching"]
+                calls = after["model_calls"] - before["model_calls"]
+                shared = (after["requests"] - before["requests"]) / calls if calls else 0.0
+                # with several workers, /health answers from any one of them: no difference
+                figures["requests_per_model_call"] = round(shared, 2) if workers == 1 else None
+                runs[name].append(figures)
+                print(
+                    f"{' '.join(options)}, {name}, {repeat + 1}: {json.dumps(figures)}", flush=True
+                )
     finally:
         stop(server)
+    return {name: {**summary(done), "runs": done} for name, done in runs.items()}
 
 
 def batch_rates(work: Path, pngs: list[bytes], rounds: int) -> dict[str, list[float]]:
@@ -278,7 +300,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--seconds", type=int, default=20, help="seconds of each locust load")
+    parser.add_argument("--seconds", type=int, default=10, help="seconds of each locust load")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="times each server runs its three loads, in turn"
+    )
     parser.add_argument("--images", type=int, default=256, help="distinct test images sent")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of 64-image batches")
     args = parser.parse_args()
@@ -303,25 +328,31 @@ def main() -> None:
         (images / f"{index:04d}.png").write_bytes(data)
 
     loads = {
-        f"{workers}_worker": load_figures(work, images, workers, args.seconds) for workers in (1, 2)
+        key: load_figures(work, images, options, args.seconds, args.repeats)
+        for key, options in SERVERS.items()
     }
     rates = batch_rates(work, pngs, args.rounds)
     medians = {name: median(values) for name, values in rates.items()}
     ratios = {}
     for key, figures in loads.items():
-        one, many = figures["1 client x1"], figures["16 clients x1"]
-        ratios[f"{key}_16_over_1_client_throughput"] = round(
-            many["requests_per_s"] / one["requests_per_s"], 2
-        )
-        ratios[f"{key}_16_client_p99_over_1_client_p50"] = round(
-            many["p99_ms_exact"] / one["p50_ms_exact"], 2
-        )
+        ones, manys = figures["1 client x1"]["runs"], figures["16 clients x1"]["runs"]
+        pairs = list(zip(ones, manys, strict=True))
+        throughput = [many["requests_per_s"] / one["requests_per_s"] for one, many in pairs]
+        latency = [many["p99_ms_exact"] / one["p50_ms_exact"] for one, many in pairs]
+        ratios[f"{key}_16_over_1_client_throughput"] = round(median(throughput), 2)
+        ratios[f"{key}_16_client_p99_over_1_client_p50"] = round(median(latency), 2)
+        ratios[f"{key}_16_over_1_client_throughput_each_repeat"] = [round(r, 2) for r in throughput]
+        ratios[f"{key}_16_client_p99_over_1_client_p50_each_repeat"] = [
+            round(r, 2) for r in latency
+        ]
     ratios["batch64_digitflow_over_mlflow"] = round(
         medians["digitflow_serve"] / medians["mlflow_models_serve"], 2
     )
     figures = {
         "settings": {
             "seconds_per_load": args.seconds,
+            "repeats": args.repeats,
+            "servers": SERVERS,
             "images": len(pngs),
             "batch": BATCH,
             "rounds": args.rounds,

@@ -67,12 +67,13 @@ def locust(base: str, images: Path, batch: int, seconds: int, csv: Path) -> pd.S
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("batch", [1, 16])
+@pytest.mark.parametrize(("batch", "options"), [(1, ()), (16, ()), (1, ("--no-model-process",))])
 def test_concurrent_requests_share_model_calls_and_none_fails(
-    champion, load_images: Path, tmp_path: Path, batch: int
+    champion, load_images: Path, tmp_path: Path, batch: int, options: tuple[str, ...]
 ) -> None:
     environment = {"DIGITFLOW_PREDICTION_DB": f"sqlite:///{tmp_path / 'predictions.db'}"}
-    with digitflow_serve(champion.root, environment, name=f"load-{batch}") as (base, _):
+    name = f"load-{batch}{''.join(options)}"
+    with digitflow_serve(champion.root, environment, name=name, options=options) as (base, _):
         row = locust(base, load_images, batch, 6, tmp_path / "load")
         batching = requests.get(f"{base}/health", timeout=10).json()["batching"]
     assert row["Request Count"] >= 50, row.to_dict()
@@ -110,9 +111,13 @@ def test_a_killed_decoding_process_is_replaced_and_no_request_fails(
     files = [("file", (path.name, path.read_bytes())) for path in sorted(load_images.iterdir())]
     with digitflow_serve(champion.root, name="killed-decoder") as (base, process):
         before = requests.post(f"{base}/predict?log=false", files=files[:8], timeout=30)
-        decoders = subprocess.run(
+        model_process = requests.get(f"{base}/health", timeout=10).json()["model_process"]
+        spawned = subprocess.run(
             ["pgrep", "-P", str(process.pid), "-f", "spawn_main"], capture_output=True, text=True
         ).stdout.split()
+        decoders = [
+            pid for pid in spawned if model_process is None or int(pid) != model_process["pid"]
+        ]
         assert decoders, "no decoding process found"
         os.kill(int(decoders[0]), signal.SIGKILL)
         time.sleep(1)
@@ -128,3 +133,36 @@ def test_a_killed_decoding_process_is_replaced_and_no_request_fails(
     ]
     assert health.json()["status"] == "ok"
     assert "a decoding process died" in (champion.root / "killed-decoder.log").read_text()
+
+
+@pytest.mark.slow
+def test_a_model_process_killed_under_load_fails_no_request_and_is_replaced(
+    champion, load_images: Path, tmp_path: Path
+) -> None:
+    """A real fault: SIGKILL the model process while 8 clients keep sending."""
+    import os
+    import signal
+    import threading
+
+    environment = {"DIGITFLOW_PREDICTION_DB": f"sqlite:///{tmp_path / 'predictions.db'}"}
+    with digitflow_serve(champion.root, environment, name="killed-model") as (base, _):
+        before = requests.get(f"{base}/health", timeout=10).json()["model_process"]
+        rows: list[pd.Series] = []
+        load = threading.Thread(
+            target=lambda: rows.append(locust(base, load_images, 1, 8, tmp_path / "load"))
+        )
+        load.start()
+        time.sleep(3)
+        os.kill(before["pid"], signal.SIGKILL)
+        load.join()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            after = requests.get(f"{base}/health", timeout=10).json()["model_process"]
+            if after["pid"] is not None:
+                break
+            time.sleep(0.5)
+    assert rows, "locust did not finish"
+    assert rows[0]["Failure Count"] == 0 and rows[0]["Request Count"] >= 50, rows[0].to_dict()
+    assert after["restarts"] == before["restarts"] + 1 and after["pid"] != before["pid"], after
+    log = (champion.root / "killed-model.log").read_text()
+    assert "the model process is gone" in log and "a new model process is up" in log

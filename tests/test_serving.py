@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 import requests
 from conftest import (
@@ -259,11 +260,13 @@ def test_moving_the_champion_alias_is_picked_up_without_restart(server, champion
     name = params.mlflow.registered_model
     source = mlflow.MlflowClient().get_model_version(name, "1").source
     new_version = mlflow.register_model(source, name).version
+    old_process = requests.get(f"{server}/health", timeout=10).json()["model_process"]["pid"]
     run(["digitflow", "promote", str(new_version), "--reason", "serving test"], champion.root)
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            if requests.get(f"{server}/health", timeout=10).json()["version"] == str(new_version):
+            health = requests.get(f"{server}/health", timeout=10).json()
+            if health["version"] == str(new_version):
                 break
             time.sleep(0.5)
         else:
@@ -274,6 +277,12 @@ def test_moving_the_champion_alias_is_picked_up_without_restart(server, champion
             timeout=30,
         )
         assert reply.json()["model_version"] == str(new_version)
+        # the new version has its own model process; the old one exits
+        assert health["model_process"]["pid"] not in (None, old_process)
+        deadline = time.monotonic() + 30
+        while psutil.pid_exists(old_process) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not psutil.pid_exists(old_process), "the old version's model process is still up"
     finally:  # the session's champion is shared: put it back whatever happened
         run(["digitflow", "rollback", "--reason", "serving test done"], champion.root)
 

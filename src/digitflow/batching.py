@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 import anyio
 import numpy as np
@@ -38,16 +39,24 @@ class Answer:
     probabilities: np.ndarray | None
 
 
+class Runner(Protocol):
+    """Makes a model call somewhere other than a thread of this process (modelprocess)."""
+
+    async def compute(self, batch: list[Pending]) -> list[Answer | BaseException]: ...
+
+
 @dataclass
-class _Pending:
+class Pending:
     """One request's images (prepared, or files with the function that prepares them), the
-    model they are for, and where its answer goes."""
+    model they are for (and the runner that calls it, if not a thread here), and where its
+    answer goes."""
 
     forward: Forward
-    answer: asyncio.Future
+    answer: asyncio.Future | None
     images: np.ndarray | None = None
     files: list[bytes] | None = None
     prepare: Prepare | None = None
+    runner: Runner | None = None
 
     @property
     def size(self) -> int:
@@ -61,7 +70,7 @@ class _Pending:
         return self.images, [""] * len(self.images)
 
 
-def _compute(batch: list[_Pending]) -> list[Answer | BaseException]:
+def compute_batch(batch: list[Pending]) -> list[Answer | BaseException]:
     """In a worker thread: prepare each request's files, then one model call for every request
     whose images were all prepared. A request whose preparation raised gets its exception; a
     failing model call fails every request that was in it."""
@@ -127,7 +136,7 @@ class Batcher:
     def __init__(self, max_images: int, wait_s: float) -> None:
         self.max_images, self.wait_s = max_images, wait_s
         self.stats = BatchStats()
-        self._queue: asyncio.Queue[_Pending] | None = None
+        self._queue: asyncio.Queue[Pending] | None = None
         self._task: asyncio.Task | None = None
         self._coming = 0  # requests being prepared, not yet handed over
         self._alone = True  # the last model call served one request: no concurrent load
@@ -157,15 +166,17 @@ class Batcher:
         images: np.ndarray | None = None,
         files: list[bytes] | None = None,
         prepare: Prepare | None = None,
+        runner: Runner | None = None,
     ) -> asyncio.Future[Answer]:
         """Hand over one request's images: prepared `images`, or encoded `files` that `prepare`
-        turns into inputs in the model's thread. Await the future for the request's Answer."""
+        turns into inputs in the model's thread (or the runner's own way, given one). Await the
+        future for the request's Answer."""
         if self._queue is None:
             raise RuntimeError("the batcher is not started")
         if (images is None) == (files is None or prepare is None):
             raise ValueError("give either prepared images, or files and a prepare function")
         answer = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(forward, answer, images, files, prepare))
+        self._queue.put_nowait(Pending(forward, answer, images, files, prepare, runner))
         return answer
 
     async def predict(self, forward: Forward, images: np.ndarray) -> np.ndarray:
@@ -174,7 +185,7 @@ class Batcher:
         assert answer.probabilities is not None
         return answer.probabilities
 
-    async def _gather(self, first: _Pending) -> tuple[list[_Pending], _Pending | None]:
+    async def _gather(self, first: Pending) -> tuple[list[Pending], Pending | None]:
         """The requests of one model call, and a request for another model (after a swap)."""
         assert self._queue is not None
         batch, count = [first], first.size
@@ -198,20 +209,23 @@ class Batcher:
 
     async def _run(self) -> None:
         assert self._queue is not None
-        carried: _Pending | None = None
+        carried: Pending | None = None
         while True:
             first = carried or await self._queue.get()
             batch, carried = await self._gather(first)
             try:
-                answers = await anyio.to_thread.run_sync(_compute, batch)
-            except Exception as exc:  # not expected: _compute hands each request its error
+                if first.runner is not None:
+                    answers = await first.runner.compute(batch)
+                else:
+                    answers = await anyio.to_thread.run_sync(compute_batch, batch)
+            except Exception as exc:  # not expected: compute_batch hands each request its error
                 answers = [exc] * len(batch)
             called = [a for a in answers if isinstance(a, Answer) and a.probabilities is not None]
             if called:
                 self.stats.record(len(called), sum(len(answer.inputs) for answer in called))
             self._alone = len(batch) == 1
             for pending, answer in zip(batch, answers, strict=True):
-                if pending.answer.done():  # its client may have gone
+                if pending.answer is None or pending.answer.done():  # its client may have gone
                     continue
                 if isinstance(answer, BaseException):
                     pending.answer.set_exception(answer)

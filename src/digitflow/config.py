@@ -132,6 +132,7 @@ class ServeParams(_Strict):
     batch_wait_ms: float = Field(ge=0, le=1000)
     batch_max_images: int = Field(ge=1)
     workers: int = Field(ge=1)
+    model_process: bool
     model_threads: int = Field(ge=0)
     max_connections: int = Field(ge=1)
     keep_alive_s: float = Field(gt=0)

@@ -43,6 +43,7 @@ from . import inference, predictionlog
 from .batching import Answer, Batcher, Prepare
 from .config import ServeParams
 from .imaging import InkSettings, pixel_count, prepare_batch
+from .modelprocess import ModelProcess
 from .predictionlog import CorrectionSettled, LogWriter, UnknownPrediction
 from .uploads import MalformedForm, TooManyFiles, multipart_files
 
@@ -58,21 +59,60 @@ class Served:
     version: str
     loaded_at: float
     scorer: inference.Scorer
+    process: ModelProcess | None = None  # where its calls are made, when not in this process
+
+    def close(self) -> None:
+        """Stop its model process (if any) once the calls sent to it are answered."""
+        if self.process is not None:
+            self.process.close()
 
 
-def loaded(uri: str, version: str, ink: InkSettings) -> Served:
-    """Load a model for serving."""
+def within_pixel_budget(encoded: list[bytes], max_pixels: int) -> list[bytes]:
+    """A request's image files, once their pixels summed from the headers are checked (413)."""
+    pixels = sum(pixel_count(data) for data in encoded)
+    if pixels > max_pixels:
+        raise HTTPException(
+            413,
+            f"{pixels:,} pixels in {len(encoded)} images; at most {max_pixels:,} per request",
+        )
+    return encoded
+
+
+def prepare_within_budget(
+    encoded: list[bytes], ink: InkSettings, max_pixels: int
+) -> tuple[np.ndarray, list[str]]:
+    """A request's files -> model inputs and per-image errors, after the pixel budget."""
+    return prepare_batch(within_pixel_budget(encoded, max_pixels), ink)
+
+
+def loaded(
+    uri: str, version: str, ink: InkSettings, own_process_pixels: int | None = None
+) -> Served:
+    """Load a model for serving; with `own_process_pixels` (a request's pixel budget), its calls
+    are made in a model process of its own (modelprocess), which loads it too."""
     model = inference.load(uri)
     scorer = inference.Scorer.of(model, uri, ink)
     scorer.probabilities(np.zeros((1, 28, 28, 1), dtype=np.float32))  # trace before requests do
-    return Served(model, uri, version, time.time(), scorer)
+    process = None
+    if own_process_pixels is not None:
+        budget = partial(prepare_within_budget, ink=scorer.ink, max_pixels=own_process_pixels)
+        process = ModelProcess(uri, scorer.ink, budget)
+    return Served(model, uri, version, time.time(), scorer, process)
 
 
 class ChampionHolder:
     """Keeps the model behind an alias loaded, and swaps in a new one when the alias moves."""
 
-    def __init__(self, name: str, alias: str, interval_s: float, ink: InkSettings) -> None:
+    def __init__(
+        self,
+        name: str,
+        alias: str,
+        interval_s: float,
+        ink: InkSettings,
+        own_process_pixels: int | None = None,
+    ) -> None:
         self.name, self.alias, self.interval_s, self.ink = name, alias, interval_s, ink
+        self.own_process_pixels = own_process_pixels
         self._served: Served | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -97,9 +137,11 @@ class ChampionHolder:
         if self._served is not None and self._served.version == version:
             return False
         uri = f"models:/{self.name}/{version}"
-        served = loaded(uri, version, self.ink)
+        served = loaded(uri, version, self.ink, self.own_process_pixels)
         with self._lock:
-            self._served = served
+            replaced, self._served = self._served, served
+        if replaced is not None:
+            replaced.close()
         print(f"serving {self.name} version {version} (@{self.alias})", flush=True)
         return True
 
@@ -117,18 +159,21 @@ class ChampionHolder:
 
     def stop(self) -> None:
         self._stop.set()
+        if self._served is not None:
+            self._served.close()
 
 
 class FixedModel:
     """A model given by URI (--model-uri): loaded once, never swapped."""
 
-    def __init__(self, uri: str, ink: InkSettings) -> None:
-        self.served = loaded(uri, uri, ink)
+    def __init__(self, uri: str, ink: InkSettings, own_process_pixels: int | None = None) -> None:
+        self.served = loaded(uri, uri, ink, own_process_pixels)
         self.name, self.alias, self.last_error = uri, "", ""
 
     def start(self) -> None: ...
 
-    def stop(self) -> None: ...
+    def stop(self) -> None:
+        self.served.close()
 
 
 def model_threads(setting: int, workers: int) -> int:
@@ -470,6 +515,7 @@ def create_app(
             "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(served.loaded_at)),
             "reload_error": holder.last_error or None,
             "batching": batcher.stats.to_dict(),
+            "model_process": served.process.status() if served.process else None,
             "prediction_log": log_health,
             "gc": {
                 "frozen_objects": gc.get_freeze_count(),
@@ -478,28 +524,22 @@ def create_app(
         }
 
     def checked(encoded: list[bytes]) -> list[bytes]:
-        """The request's image files, once its pixel budget (from the headers) is checked."""
-        pixels = sum(pixel_count(data) for data in encoded)
-        if pixels > limits.max_request_pixels:
-            raise HTTPException(
-                413,
-                f"{pixels:,} pixels in {len(encoded)} images; at most "
-                f"{limits.max_request_pixels:,} per request",
-            )
-        return encoded
+        return within_pixel_budget(encoded, limits.max_request_pixels)
 
     def prepare_single(ink: InkSettings) -> Prepare:
         """Prepares a request's files in the batcher's thread: the pixel budget, then decoding."""
-        return lambda encoded: prepare_batch(checked(encoded), ink)
+        return partial(prepare_within_budget, ink=ink, max_pixels=limits.max_request_pixels)
 
     async def handed_over(items: list[tuple[str | None, bytes]], served: Served) -> Future[Answer]:
         """Give a request's images to the batcher. One image is decoded and prepared in the
         batcher's thread with the rest of its model call; several are split across the decoding
         processes first (Python's lock would serialise threads)."""
-        ink, forward = served.scorer.ink, served.scorer.probabilities
+        ink, forward, runner = served.scorer.ink, served.scorer.probabilities, served.process
         encoded = [data for _, data in items]
         if processes is None or len(items) == 1:
-            return batcher.submit(forward, files=encoded, prepare=prepare_single(ink))
+            return batcher.submit(
+                forward, files=encoded, prepare=prepare_single(ink), runner=runner
+            )
         images = await anyio.to_thread.run_sync(checked, encoded)
         loop = asyncio.get_running_loop()
         share = -(-len(images) // limits.decode_processes)
@@ -513,11 +553,14 @@ def create_app(
             )
         except BrokenProcessPool:  # a decoding process died (killed, out of memory)
             await replace_decoding_processes(pool)
-            return batcher.submit(forward, files=images, prepare=partial(prepare_batch, ink=ink))
+            return batcher.submit(
+                forward, files=images, prepare=partial(prepare_batch, ink=ink), runner=runner
+            )
         errors = [error for _, part in parts for error in part]
         if any(errors):
             return _settled(Answer(np.concatenate([b for b, _ in parts]), errors, None))
-        return batcher.submit(forward, images=np.concatenate([batch for batch, _ in parts]))
+        inputs = np.concatenate([batch for batch, _ in parts])
+        return batcher.submit(forward, images=inputs, runner=runner)
 
     async def replace_decoding_processes(broken: ProcessPoolExecutor) -> None:
         """Start a new pool in place of a broken one (once, however many requests saw it)."""

@@ -159,6 +159,14 @@ def serve(
             "(default: serve.workers). More than one pays off only with more cores.",
         ),
     ] = None,
+    model_process: Annotated[
+        bool | None,
+        typer.Option(
+            "--model-process/--no-model-process",
+            help="Make each worker's model calls in a process of their own, beside its event "
+            "loop (default: serve.model_process); without, in a thread of the worker.",
+        ),
+    ] = None,
     root: RootOption = None,
 ) -> None:
     """HTTP API (POST /predict, POST /feedback, GET /health, /docs) and a drawing page at / for
@@ -168,18 +176,29 @@ def serve(
     from ..serving import serve as run_server
 
     project, params = configured(root)
+    if model_process is not None:
+        serve_settings = params.serve.model_copy(update={"model_process": model_process})
+        params = params.model_copy(update={"serve": serve_settings})
     settings = params.serve
     bind_host, bind_port = host or settings.host, port or settings.port
     process_count = workers or settings.workers
     use_model_threads(model_threads(settings.model_threads, process_count))
     if process_count > 1:
-        _load_model(project, params, model_uri)  # fail here, clearly, before the workers start
+        # fail here, clearly, before the workers start (each starts its own model process)
+        in_thread = params.serve.model_copy(update={"model_process": False})
+        _load_model(project, params.model_copy(update={"serve": in_thread}), model_uri)
         console.print(
             f"{process_count} workers; drawing page: http://{bind_host}:{bind_port}/   "
             f"API docs: http://{bind_host}:{bind_port}/docs"
         )
         os.environ[WORKER_SPEC_ENV] = json.dumps(
-            {"root": str(project.root), "host": bind_host, "model_uri": model_uri, "log": log}
+            {
+                "root": str(project.root),
+                "host": bind_host,
+                "model_uri": model_uri,
+                "log": log,
+                "model_process": settings.model_process,
+            }
         )
         serve_workers(f"{__name__}:worker_app", settings, bind_host, bind_port, process_count)
         return
@@ -198,12 +217,17 @@ def _load_model(project, params: Params, model_uri: str | None):
 
     settings = params.serve
     ink = ink_settings(params.imaging)
+    own_process_pixels = settings.max_request_pixels if settings.model_process else None
     try:
         with reported(), guarded(project):
             if model_uri:
-                return FixedModel(model_uri, ink)
+                return FixedModel(model_uri, ink, own_process_pixels)
             holder = ChampionHolder(
-                params.mlflow.registered_model, "champion", settings.reload_interval_s, ink
+                params.mlflow.registered_model,
+                "champion",
+                settings.reload_interval_s,
+                ink,
+                own_process_pixels,
             )
             holder.refresh()
             return holder
@@ -222,6 +246,8 @@ def worker_app():
 
     spec = json.loads(os.environ[WORKER_SPEC_ENV])
     project, params = configured(Path(spec["root"]))
+    serve_settings = params.serve.model_copy(update={"model_process": spec["model_process"]})
+    params = params.model_copy(update={"serve": serve_settings})
     holder = _load_model(project, params, spec["model_uri"])
     log_writer, access = _prediction_log(project, params, spec["host"], spec["log"])
     return create_app(holder, params.serve, log_writer, access)

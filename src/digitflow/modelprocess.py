@@ -1,0 +1,251 @@
+"""The served model in a process of its own, beside the server's event loop.
+
+In one server process, the event loop (reading requests, writing answers) and the model's thread
+(decoding images, calling TensorFlow) take turns holding Python's lock: the model's thread waits
+for the loop at every step of a call, and the model sat idle for much of the time under load.
+With `serve.model_process`, each model call's images go down a pipe to a spawned process that
+loaded the same model; it prepares them, calls the model under its own lock and sends back the
+inputs and probabilities, which the event loop reads as soon as they arrive (no thread between).
+
+The server keeps its own copy of the model: should the process die, the call it was making and
+those after it are made in the server as before until a new process is up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import multiprocessing
+import os
+import pickle
+import sys
+import threading
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import anyio
+import numpy as np
+
+from .batching import Answer, Pending, Prepare, compute_batch
+from .imaging import InkSettings
+
+Work = list[tuple[np.ndarray | None, list[bytes] | None]]
+"""One model call's requests: each its prepared images, or its encoded files."""
+START_TIMEOUT_S = 300  # spawning, importing TensorFlow and loading the model
+
+
+def _answers(forward: Callable, prepare_files: Prepare, work: Work) -> list:
+    """In the model process: the answers of one model call (see batching.compute_batch), with
+    an exception that cannot be pickled (TensorFlow's, say) replaced by its text."""
+    batch = [
+        Pending(forward, None, images, files, None if files is None else prepare_files)
+        for images, files in work
+    ]
+    return [_picklable(answer) for answer in compute_batch(batch)]
+
+
+def _picklable(answer: Answer | BaseException) -> Answer | BaseException:
+    if not isinstance(answer, BaseException):
+        return answer
+    try:
+        pickle.loads(pickle.dumps(answer))
+    except Exception:
+        return RuntimeError(f"{answer.__class__.__name__}: {answer}")
+    return answer
+
+
+def _serve_calls(
+    conn: Connection, uri: str, ink: InkSettings, store: tuple[str, str], prepare_files: Prepare
+) -> None:
+    """The model process: load the model, say so, then answer calls until told to stop (None)
+    or until the server's end of the pipe closes."""
+    import mlflow
+
+    from . import inference
+
+    try:
+        mlflow.set_tracking_uri(store[0])
+        mlflow.set_registry_uri(store[1])
+        scorer = inference.Scorer.of(inference.load(uri), uri, ink)
+        scorer.probabilities(np.zeros((1, 28, 28, 1), dtype=np.float32))  # trace it now
+    except Exception as exc:
+        conn.send(("failed", f"{exc.__class__.__name__}: {exc}"))
+        return
+    gc.collect()
+    gc.freeze()  # the model's objects live as long as the process: out of the collector's sight
+    conn.send(("ready", ""))
+    while True:
+        try:
+            work = conn.recv()
+        except EOFError:
+            return
+        if work is None:
+            return
+        conn.send(_answers(scorer.probabilities, prepare_files, work))
+
+
+def _spawn(
+    uri: str, ink: InkSettings, store: tuple[str, str], prepare_files: Prepare
+) -> tuple[multiprocessing.process.BaseProcess, Connection]:
+    """A model process that has loaded the model, and the server's end of its pipe."""
+    context = multiprocessing.get_context("spawn")
+    here, there = context.Pipe()
+    process = context.Process(
+        target=_serve_calls,
+        args=(there, uri, ink, store, prepare_files),
+        name="digitflow-model",
+        daemon=True,
+    )
+    # A loaded MLflow model puts its own copy of this package first on sys.path, which spawned
+    # processes inherit: put the running package's folder before it while the process starts.
+    package_parent = str(Path(__file__).resolve().parent.parent)
+    sys.path.insert(0, package_parent)
+    try:
+        process.start()
+    finally:
+        sys.path.remove(package_parent)
+    there.close()
+    if not here.poll(START_TIMEOUT_S):
+        process.kill()
+        raise RuntimeError(f"the model process did not load {uri} within {START_TIMEOUT_S} s")
+    try:
+        status, message = here.recv()
+    except EOFError:
+        process.join(5)
+        status, message = "failed", f"it exited with code {process.exitcode}"
+    if status != "ready":
+        raise RuntimeError(f"the model process could not load {uri}: {message}")
+    return process, here
+
+
+class ModelProcess:
+    """One model's calls, made in a process of its own; one call at a time (the batcher's)."""
+
+    def __init__(self, uri: str, ink: InkSettings, prepare_files: Prepare) -> None:
+        import mlflow
+
+        self.uri, self.ink, self.prepare_files = uri, ink, prepare_files
+        self._store = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())  # the model's
+        self._process, self._conn = _spawn(uri, ink, self._store, prepare_files)
+        self._lock = threading.Lock()  # the pipe's state, shared with close() from other threads
+        self._in_flight = self._closed = False
+        self.restarts = 0
+
+    async def compute(self, batch: list[Pending]) -> list[Answer | BaseException]:
+        """The answers of one model call, made in the model process; in this process when it is
+        gone (each request's `forward` and `prepare` are this process's copy of the model)."""
+        conn = self._sent([(pending.images, pending.files) for pending in batch])
+        if conn is None:
+            return await anyio.to_thread.run_sync(compute_batch, batch)
+        try:
+            return await _reply(conn)
+        except (EOFError, OSError):  # the process died during the call
+            self._gone(conn)
+            return await anyio.to_thread.run_sync(compute_batch, batch)
+        except asyncio.CancelledError:  # its reply would answer the next call: do not reuse it
+            self._gone(conn, restart=False)
+            raise
+        finally:
+            self._call_over(conn)
+
+    def _sent(self, work: Work) -> Connection | None:
+        """Send a call down the pipe; the connection, or None when there is no process."""
+        with self._lock:
+            conn = self._conn
+            if self._closed or conn is None:
+                return None
+            try:
+                conn.send(work)
+            except OSError:  # the process died since the last call
+                pass
+            else:
+                self._in_flight = True
+                return conn
+        self._gone(conn)
+        return None
+
+    def _call_over(self, conn: Connection) -> None:
+        with self._lock:
+            if conn is self._conn:
+                self._in_flight = False
+                if self._closed:
+                    self._finish()
+
+    def _gone(self, conn: Connection | None, restart: bool = True) -> None:
+        """The process died (or its pipe can no longer be trusted): start a new one meanwhile."""
+        with self._lock:
+            if conn is not self._conn or conn is None:
+                return
+            process, self._conn, self._in_flight = self._process, None, False
+            conn.close()
+            restart = restart and not self._closed
+        process.kill()
+        if restart:
+            print(
+                "the model process is gone: calls run in the server until a new one is up",
+                flush=True,
+            )
+            threading.Thread(target=self._restart, name="model-process", daemon=True).start()
+
+    def _restart(self) -> None:
+        try:
+            process, conn = _spawn(self.uri, self.ink, self._store, self.prepare_files)
+        except Exception as exc:  # keep answering in the server
+            print(f"could not start a new model process: {exc}", flush=True)
+            return
+        with self._lock:
+            if self._closed:
+                conn.close()
+                process.kill()
+                return
+            self._process, self._conn, self.restarts = process, conn, self.restarts + 1
+        print("a new model process is up", flush=True)
+
+    def status(self) -> dict:
+        """For /health: the process's id (None while a new one starts) and how many were
+        started after one died."""
+        with self._lock:
+            alive = self._conn is not None
+            return {"pid": self._process.pid if alive else None, "restarts": self.restarts}
+
+    def close(self) -> None:
+        """Stop the process once the call it is making (if any) is answered."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._conn is not None and not self._in_flight:
+                self._finish()
+
+    def _finish(self) -> None:
+        """With the lock held and no call in flight: tell the process to stop, and reap it."""
+        conn, process, self._conn = self._conn, self._process, None
+        if conn is None:
+            return
+        with contextlib.suppress(OSError):  # already gone
+            conn.send(None)
+        conn.close()
+        threading.Thread(target=_reap, args=(process,), name="model-reap", daemon=True).start()
+
+
+def _reap(process: multiprocessing.process.BaseProcess) -> None:
+    process.join(30)
+    if process.is_alive():
+        process.kill()
+        process.join()
+
+
+async def _reply(conn: Connection) -> list[Answer | BaseException]:
+    """The model process's reply, read on the event loop as soon as it is there."""
+    loop = asyncio.get_running_loop()
+    arrived = loop.create_future()
+    fd = conn.fileno()
+    loop.add_reader(fd, lambda: arrived.done() or arrived.set_result(None))
+    try:
+        await arrived
+    finally:
+        loop.remove_reader(fd)
+        os.set_blocking(fd, True)  # the loop made it non-blocking: read the whole reply
+    return conn.recv()

@@ -1,0 +1,113 @@
+"""The served model in a process of its own (serve.model_process): same answers as the server's
+own copy, errors that cross the pipe intact, and calls that survive the process dying."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from functools import partial
+
+import numpy as np
+import pytest
+from fastapi import HTTPException
+
+from digitflow import tracking
+from digitflow.batching import Pending, compute_batch
+from digitflow.config import load_params
+from digitflow.imaging import encode_png, ink_settings
+from digitflow.serving import loaded, prepare_within_budget
+
+pytestmark = pytest.mark.slow
+
+MAX_PIXELS = 28 * 28 * 4
+
+
+@pytest.fixture(scope="module")
+def served(champion):
+    """The champion loaded here, with a model process of its own; closed after the module."""
+    params = load_params(champion.params)
+    tracking.configure(champion, params)
+    uri = f"models:/{params.mlflow.registered_model}/1"
+    served = loaded(uri, "1", ink_settings(params.imaging), own_process_pixels=MAX_PIXELS)
+    yield served
+    served.close()
+
+
+def _digits(count: int) -> list[bytes]:
+    rng = np.random.default_rng(count)
+    return [encode_png((rng.random((28, 28)) > 0.7).astype(np.uint8) * 255) for _ in range(count)]
+
+
+def _requests(served, parts: list[list[bytes]]) -> list[Pending]:
+    """Pending requests as the server makes them: files, prepared there with the pixel budget."""
+    prepare = partial(prepare_within_budget, ink=served.scorer.ink, max_pixels=MAX_PIXELS)
+    forward = served.scorer.probabilities
+    return [Pending(forward, None, files=files, prepare=prepare) for files in parts]
+
+
+def _in_process(served, parts: list[list[bytes]]) -> list:
+    return asyncio.run(served.process.compute(_requests(served, parts)))
+
+
+def test_the_model_process_answers_as_the_server_would(served) -> None:
+    parts = [_digits(1), _digits(3), [b"not an image"], _digits(2)]
+    there = _in_process(served, parts)
+    here = compute_batch(_requests(served, parts))
+    assert served.process.status()["pid"] not in (None, os.getpid())
+    for theirs, ours in zip(there, here, strict=True):
+        assert theirs.errors == ours.errors
+        np.testing.assert_array_equal(theirs.inputs, ours.inputs)
+        if ours.probabilities is None:  # the request with the broken file
+            assert theirs.probabilities is None
+        else:
+            np.testing.assert_allclose(theirs.probabilities, ours.probabilities, atol=1e-6)
+    assert there[2].errors[0]  # named, per file
+
+
+def test_a_request_over_the_pixel_budget_gets_its_413_across_the_pipe(served) -> None:
+    large = encode_png(np.zeros((28 * 3, 28 * 3), dtype=np.uint8))  # 7,056 pixels > 3,136
+    answers = _in_process(served, [[large], _digits(1)])
+    assert isinstance(answers[0], HTTPException) and answers[0].status_code == 413
+    assert "pixels" in answers[0].detail
+    assert answers[1].probabilities is not None  # the other request in the call is answered
+
+
+def test_a_killed_model_process_loses_no_call_and_is_replaced(served) -> None:
+    before = served.process.status()
+    os.kill(before["pid"], signal.SIGKILL)
+    time.sleep(0.5)
+    answers = _in_process(served, [_digits(2)])  # made in this process meanwhile
+    assert answers[0].probabilities is not None and answers[0].probabilities.shape == (2, 10)
+    deadline = time.monotonic() + 180
+    while served.process.status()["pid"] is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    after = served.process.status()
+    assert after["restarts"] == before["restarts"] + 1
+    assert after["pid"] not in (None, before["pid"])
+    assert _in_process(served, [_digits(1)])[0].probabilities is not None
+
+
+def test_a_closed_model_process_exits_and_calls_go_on_here(champion) -> None:
+    params = load_params(champion.params)
+    tracking.configure(champion, params)
+    uri = f"models:/{params.mlflow.registered_model}/1"
+    served = loaded(uri, "1", ink_settings(params.imaging), own_process_pixels=MAX_PIXELS)
+    pid = served.process.status()["pid"]
+    served.close()
+    deadline = time.monotonic() + 30
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(pid)
+    assert served.process.status()["pid"] is None
+    assert _in_process(served, [_digits(1)])[0].probabilities is not None
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
