@@ -17,7 +17,8 @@ from digitflow import tracking
 from digitflow.batching import Pending, compute_batch
 from digitflow.config import load_params
 from digitflow.imaging import encode_png, ink_settings
-from digitflow.serving import loaded, prepare_within_budget
+from digitflow.modelprocess import prepare_within_budget
+from digitflow.serving import loaded
 
 pytestmark = pytest.mark.slow
 
@@ -111,3 +112,14 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_a_model_the_process_cannot_load_is_a_clear_error(champion) -> None:
+    from digitflow.modelprocess import ModelProcess
+
+    params = load_params(champion.params)
+    tracking.configure(champion, params)
+    process = ModelProcess("models:/no-such-model/1", ink_settings(params.imaging), MAX_PIXELS)
+    with pytest.raises(RuntimeError, match="could not load models:/no-such-model/1"):
+        process.wait_ready()
+    assert process.status()["pid"] is None

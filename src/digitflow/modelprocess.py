@@ -22,21 +22,41 @@ import pickle
 import sys
 import threading
 from collections.abc import Callable
+from functools import partial
 from multiprocessing.connection import Connection
 from pathlib import Path
 
 import anyio
 import numpy as np
+from fastapi import HTTPException
 
-from .batching import Answer, Pending, Prepare, compute_batch
-from .imaging import InkSettings
+from .batching import Answer, Pending, compute_batch
+from .imaging import InkSettings, pixel_count, prepare_batch
 
 Work = list[tuple[np.ndarray | None, list[bytes] | None]]
 """One model call's requests: each its prepared images, or its encoded files."""
 START_TIMEOUT_S = 300  # spawning, importing TensorFlow and loading the model
 
 
-def _answers(forward: Callable, prepare_files: Prepare, work: Work) -> list:
+def within_pixel_budget(encoded: list[bytes], max_pixels: int) -> list[bytes]:
+    """A request's image files, once their pixels summed from the headers are checked (413)."""
+    pixels = sum(pixel_count(data) for data in encoded)
+    if pixels > max_pixels:
+        raise HTTPException(
+            413,
+            f"{pixels:,} pixels in {len(encoded)} images; at most {max_pixels:,} per request",
+        )
+    return encoded
+
+
+def prepare_within_budget(
+    encoded: list[bytes], ink: InkSettings, max_pixels: int
+) -> tuple[np.ndarray, list[str]]:
+    """A request's files -> model inputs and per-image errors, after the pixel budget."""
+    return prepare_batch(within_pixel_budget(encoded, max_pixels), ink)
+
+
+def _answers(forward: Callable, prepare_files: Callable, work: Work) -> list:
     """In the model process: the answers of one model call (see batching.compute_batch), with
     an exception that cannot be pickled (TensorFlow's, say) replaced by its text."""
     batch = [
@@ -57,7 +77,7 @@ def _picklable(answer: Answer | BaseException) -> Answer | BaseException:
 
 
 def _serve_calls(
-    conn: Connection, uri: str, ink: InkSettings, store: tuple[str, str], prepare_files: Prepare
+    conn: Connection, uri: str, ink: InkSettings, store: tuple[str, str], max_pixels: int
 ) -> None:
     """The model process: load the model, say so, then answer calls until told to stop (None)
     or until the server's end of the pipe closes."""
@@ -75,6 +95,7 @@ def _serve_calls(
         return
     gc.collect()
     gc.freeze()  # the model's objects live as long as the process: out of the collector's sight
+    prepare_files = partial(prepare_within_budget, ink=scorer.ink, max_pixels=max_pixels)
     conn.send(("ready", ""))
     while True:
         try:
@@ -86,15 +107,15 @@ def _serve_calls(
         conn.send(_answers(scorer.probabilities, prepare_files, work))
 
 
-def _spawn(
-    uri: str, ink: InkSettings, store: tuple[str, str], prepare_files: Prepare
+def _start(
+    uri: str, ink: InkSettings, store: tuple[str, str], max_pixels: int
 ) -> tuple[multiprocessing.process.BaseProcess, Connection]:
-    """A model process that has loaded the model, and the server's end of its pipe."""
+    """Start a model process loading the model; it and the server's end of its pipe."""
     context = multiprocessing.get_context("spawn")
     here, there = context.Pipe()
     process = context.Process(
         target=_serve_calls,
-        args=(there, uri, ink, store, prepare_files),
+        args=(there, uri, ink, store, max_pixels),
         name="digitflow-model",
         daemon=True,
     )
@@ -107,31 +128,54 @@ def _spawn(
     finally:
         sys.path.remove(package_parent)
     there.close()
-    if not here.poll(START_TIMEOUT_S):
+    return process, here
+
+
+def _wait_ready(process: multiprocessing.process.BaseProcess, conn: Connection, uri: str) -> None:
+    """Until the process has loaded the model; a clear error if it could not."""
+    if not conn.poll(START_TIMEOUT_S):
         process.kill()
         raise RuntimeError(f"the model process did not load {uri} within {START_TIMEOUT_S} s")
     try:
-        status, message = here.recv()
+        status, message = conn.recv()
     except EOFError:
         process.join(5)
         status, message = "failed", f"it exited with code {process.exitcode}"
     if status != "ready":
+        conn.close()
         raise RuntimeError(f"the model process could not load {uri}: {message}")
-    return process, here
+
+
+def _spawn(
+    uri: str, ink: InkSettings, store: tuple[str, str], max_pixels: int
+) -> tuple[multiprocessing.process.BaseProcess, Connection]:
+    """A model process that has loaded the model, and the server's end of its pipe."""
+    process, conn = _start(uri, ink, store, max_pixels)
+    _wait_ready(process, conn, uri)
+    return process, conn
 
 
 class ModelProcess:
-    """One model's calls, made in a process of its own; one call at a time (the batcher's)."""
+    """One model's calls, made in a process of its own; one call at a time (the batcher's).
+    The process starts loading the model at once; `wait_ready` before the first call."""
 
-    def __init__(self, uri: str, ink: InkSettings, prepare_files: Prepare) -> None:
+    def __init__(self, uri: str, ink: InkSettings, max_pixels: int) -> None:
         import mlflow
 
-        self.uri, self.ink, self.prepare_files = uri, ink, prepare_files
+        self.uri, self.ink, self.max_pixels = uri, ink, max_pixels
         self._store = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())  # the model's
-        self._process, self._conn = _spawn(uri, ink, self._store, prepare_files)
+        self._process, self._conn = _start(uri, ink, self._store, max_pixels)
         self._lock = threading.Lock()  # the pipe's state, shared with close() from other threads
         self._in_flight = self._closed = False
         self.restarts = 0
+
+    def wait_ready(self) -> None:
+        """Until the process has loaded the model (a RuntimeError saying why if it could not)."""
+        try:
+            _wait_ready(self._process, self._conn, self.uri)
+        except RuntimeError:
+            self._closed, self._conn = True, None
+            raise
 
     async def compute(self, batch: list[Pending]) -> list[Answer | BaseException]:
         """The answers of one model call, made in the model process; in this process when it is
@@ -191,7 +235,7 @@ class ModelProcess:
 
     def _restart(self) -> None:
         try:
-            process, conn = _spawn(self.uri, self.ink, self._store, self.prepare_files)
+            process, conn = _spawn(self.uri, self.ink, self._store, self.max_pixels)
         except Exception as exc:  # keep answering in the server
             print(f"could not start a new model process: {exc}", flush=True)
             return

@@ -42,8 +42,8 @@ from starlette.concurrency import run_in_threadpool
 from . import inference, predictionlog
 from .batching import Answer, Batcher, Prepare
 from .config import ServeParams
-from .imaging import InkSettings, pixel_count, prepare_batch
-from .modelprocess import ModelProcess
+from .imaging import InkSettings, prepare_batch
+from .modelprocess import ModelProcess, prepare_within_budget, within_pixel_budget
 from .predictionlog import CorrectionSettled, LogWriter, UnknownPrediction
 from .uploads import MalformedForm, TooManyFiles, multipart_files
 
@@ -67,36 +67,22 @@ class Served:
             self.process.close()
 
 
-def within_pixel_budget(encoded: list[bytes], max_pixels: int) -> list[bytes]:
-    """A request's image files, once their pixels summed from the headers are checked (413)."""
-    pixels = sum(pixel_count(data) for data in encoded)
-    if pixels > max_pixels:
-        raise HTTPException(
-            413,
-            f"{pixels:,} pixels in {len(encoded)} images; at most {max_pixels:,} per request",
-        )
-    return encoded
-
-
-def prepare_within_budget(
-    encoded: list[bytes], ink: InkSettings, max_pixels: int
-) -> tuple[np.ndarray, list[str]]:
-    """A request's files -> model inputs and per-image errors, after the pixel budget."""
-    return prepare_batch(within_pixel_budget(encoded, max_pixels), ink)
-
-
 def loaded(
     uri: str, version: str, ink: InkSettings, own_process_pixels: int | None = None
 ) -> Served:
     """Load a model for serving; with `own_process_pixels` (a request's pixel budget), its calls
-    are made in a model process of its own (modelprocess), which loads it too."""
-    model = inference.load(uri)
-    scorer = inference.Scorer.of(model, uri, ink)
-    scorer.probabilities(np.zeros((1, 28, 28, 1), dtype=np.float32))  # trace before requests do
-    process = None
-    if own_process_pixels is not None:
-        budget = partial(prepare_within_budget, ink=scorer.ink, max_pixels=own_process_pixels)
-        process = ModelProcess(uri, scorer.ink, budget)
+    are made in a model process of its own (modelprocess), which loads it at the same time."""
+    process = None if own_process_pixels is None else ModelProcess(uri, ink, own_process_pixels)
+    try:
+        model = inference.load(uri)
+        scorer = inference.Scorer.of(model, uri, ink)
+        scorer.probabilities(np.zeros((1, 28, 28, 1), dtype=np.float32))  # trace it now
+        if process is not None:
+            process.wait_ready()
+    except BaseException:
+        if process is not None:
+            process.close()
+        raise
     return Served(model, uri, version, time.time(), scorer, process)
 
 
