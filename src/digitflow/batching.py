@@ -3,7 +3,8 @@
 Each request announces itself (`coming`), reads its body and hands its images to a `Batcher`:
 encoded files, which the batcher prepares in the model's thread just before the call, or arrays
 already prepared elsewhere (the decoding processes of multi-image requests). The batcher waits at
-most `wait_s` after the first one for others, then makes one trip to a worker thread for up to
+most `wait_s` after the first one for others, then makes one trip to a worker thread (or to the
+model process, when the request names a `Runner`: modelprocess) for up to
 `max_images` images: it prepares the files there, makes one model call for every image that could
 be prepared, and gives each request its own rows back. One thread hand-off per model call instead
 of one per request keeps the event loop's share of Python's lock small. A lone request (no other

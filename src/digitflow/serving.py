@@ -517,9 +517,10 @@ def create_app(
         return partial(prepare_within_budget, ink=ink, max_pixels=limits.max_request_pixels)
 
     async def handed_over(items: list[tuple[str | None, bytes]], served: Served) -> Future[Answer]:
-        """Give a request's images to the batcher. One image is decoded and prepared in the
-        batcher's thread with the rest of its model call; several are split across the decoding
-        processes first (Python's lock would serialise threads)."""
+        """Give a request's images to the batcher. One image is decoded and prepared with the
+        rest of its model call (in the model process, or the batcher's thread without one);
+        several are split across the decoding processes first (Python's lock would serialise
+        threads)."""
         ink, forward, runner = served.scorer.ink, served.scorer.probabilities, served.process
         encoded = [data for _, data in items]
         if processes is None or len(items) == 1:
