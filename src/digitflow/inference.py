@@ -49,15 +49,17 @@ _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def compiled(keras_model) -> Callable[[np.ndarray], np.ndarray]:
     """The model's forward pass as one traced TensorFlow graph for any batch size (traced once
     per model): a call costs about a millisecond where an eager call of the model costs ten, and
-    `predict` more for small batches."""
+    `predict` more for small batches. The traced graph is called directly, past tf.function's
+    dispatch: 0.51-0.54 against 0.61-0.77 ms for one image, 1.24-1.41 against 1.47-1.59 ms for
+    eight (AMD EPYC, one thread, alternating rounds of 500 calls; identical outputs)."""
     if keras_model not in _COMPILED:
         import tensorflow as tf
 
         graph = tf.function(
             lambda images: keras_model(images, training=False),
             input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.float32)],
-        )
-        _COMPILED[keras_model] = lambda images: graph(images).numpy()
+        ).get_concrete_function()
+        _COMPILED[keras_model] = lambda images: graph(tf.constant(images, tf.float32)).numpy()
     return _COMPILED[keras_model]
 
 
