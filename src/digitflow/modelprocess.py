@@ -21,7 +21,7 @@ import os
 import pickle
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -54,6 +54,18 @@ def prepare_within_budget(
 ) -> tuple[np.ndarray, list[str]]:
     """A request's files -> model inputs and per-image errors, after the pixel budget."""
     return prepare_batch(within_pixel_budget(encoded, max_pixels), ink)
+
+
+@contextlib.contextmanager
+def running_package_first() -> Iterator[None]:
+    """While processes are spawned: this package's folder first on sys.path. A loaded MLflow
+    model puts its own copy of the package first, which spawned processes would inherit."""
+    package_parent = str(Path(__file__).resolve().parent.parent)
+    sys.path.insert(0, package_parent)
+    try:
+        yield
+    finally:
+        sys.path.remove(package_parent)
 
 
 def _answers(forward: Callable, prepare_files: Callable, work: Work) -> list:
@@ -119,14 +131,8 @@ def _start(
         name="digitflow-model",
         daemon=True,
     )
-    # A loaded MLflow model puts its own copy of this package first on sys.path, which spawned
-    # processes inherit: put the running package's folder before it while the process starts.
-    package_parent = str(Path(__file__).resolve().parent.parent)
-    sys.path.insert(0, package_parent)
-    try:
+    with running_package_first():
         process.start()
-    finally:
-        sys.path.remove(package_parent)
     there.close()
     return process, here
 

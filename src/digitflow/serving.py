@@ -28,7 +28,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from importlib.resources import files
-from pathlib import Path
 from typing import Any, Literal
 
 import anyio
@@ -43,7 +42,12 @@ from . import inference, predictionlog
 from .batching import Answer, Batcher, Prepare
 from .config import ServeParams
 from .imaging import InkSettings, prepare_batch
-from .modelprocess import ModelProcess, prepare_within_budget, within_pixel_budget
+from .modelprocess import (
+    ModelProcess,
+    prepare_within_budget,
+    running_package_first,
+    within_pixel_budget,
+)
 from .predictionlog import CorrectionSettled, LogWriter, UnknownPrediction
 from .uploads import MalformedForm, TooManyFiles, multipart_files
 
@@ -184,16 +188,10 @@ def decoding_processes(count: int) -> ProcessPoolExecutor | None:
     request. They are spawned: they import only the imaging code, not TensorFlow."""
     if count == 0:
         return None
-    # A loaded MLflow model puts its own copy of this package first on sys.path, which spawned
-    # processes inherit: put the running package's folder before it while they start.
-    package_parent = str(Path(__file__).resolve().parent.parent)
-    sys.path.insert(0, package_parent)
-    try:
+    with running_package_first():
         pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn"))
         for started in [pool.submit(prepare_batch, [], InkSettings()) for _ in range(count)]:
             started.result()
-    finally:
-        sys.path.remove(package_parent)
     return pool
 
 

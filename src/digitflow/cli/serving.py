@@ -177,16 +177,14 @@ def serve(
 
     project, params = configured(root)
     if model_process is not None:
-        serve_settings = params.serve.model_copy(update={"model_process": model_process})
-        params = params.model_copy(update={"serve": serve_settings})
+        params = _with_model_process(params, model_process)
     settings = params.serve
     bind_host, bind_port = host or settings.host, port or settings.port
     process_count = workers or settings.workers
     use_model_threads(model_threads(settings.model_threads, process_count))
     if process_count > 1:
         # fail here, clearly, before the workers start (each starts its own model process)
-        in_thread = params.serve.model_copy(update={"model_process": False})
-        _load_model(project, params.model_copy(update={"serve": in_thread}), model_uri)
+        _load_model(project, _with_model_process(params, False), model_uri)
         console.print(
             f"{process_count} workers; drawing page: http://{bind_host}:{bind_port}/   "
             f"API docs: http://{bind_host}:{bind_port}/docs"
@@ -208,6 +206,12 @@ def serve(
         f"drawing page: http://{bind_host}:{bind_port}/   API docs: http://{bind_host}:{bind_port}/docs"
     )
     run_server(holder, settings, bind_host, bind_port, log_writer, access)
+
+
+def _with_model_process(params: Params, model_process: bool) -> Params:
+    """The params with serve.model_process set (from the command line, or for a worker)."""
+    serve_settings = params.serve.model_copy(update={"model_process": model_process})
+    return params.model_copy(update={"serve": serve_settings})
 
 
 def _load_model(project, params: Params, model_uri: str | None):
@@ -246,8 +250,7 @@ def worker_app():
 
     spec = json.loads(os.environ[WORKER_SPEC_ENV])
     project, params = configured(Path(spec["root"]))
-    serve_settings = params.serve.model_copy(update={"model_process": spec["model_process"]})
-    params = params.model_copy(update={"serve": serve_settings})
+    params = _with_model_process(params, spec["model_process"])
     holder = _load_model(project, params, spec["model_uri"])
     log_writer, access = _prediction_log(project, params, spec["host"], spec["log"])
     return create_app(holder, params.serve, log_writer, access)
