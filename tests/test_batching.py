@@ -55,6 +55,23 @@ def test_a_call_never_exceeds_max_images() -> None:
     assert batcher.stats.images == 12
 
 
+def test_a_request_over_max_images_goes_alone_and_gets_its_rows() -> None:
+    sizes = [2, 6, 1, 1]
+
+    async def scenario() -> tuple[list[np.ndarray], Batcher]:
+        batcher = Batcher(max_images=4, wait_s=0.05)
+        batcher.start()
+        answers = await _concurrent(batcher, sizes)
+        await batcher.stop()
+        return answers, batcher
+
+    answers, batcher = asyncio.run(scenario())
+    for index, (answer, size) in enumerate(zip(answers, sizes, strict=True)):
+        assert answer.shape == (size, 1) and np.all(answer == index * 784)
+    assert batcher.stats.largest == 6  # the large request, in a call of its own
+    assert batcher.stats.calls == 3  # [2], [6], [1, 1]
+
+
 def test_a_lone_request_does_not_wait_for_the_window() -> None:
     async def scenario() -> float:
         batcher = Batcher(max_images=64, wait_s=5.0)

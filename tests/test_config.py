@@ -23,7 +23,7 @@ def test_repository_params_are_valid() -> None:
         (("architecture: digit_cnn", "architecture: resnet9000"), "model.architecture"),
         (("epochs: ", "epochs_typo: "), "train.epochs_typo"),
         (("min_accuracy: 0.97", "min_accuracy: high"), "promotion.min_accuracy"),
-        (("batch_max_images: 256", "batch_max_images: 8"), "must hold one whole request"),
+        (("batch_max_images: 8", "batch_max_images: 0"), "serve.batch_max_images"),
     ],
 )
 def test_bad_value_is_named(tmp_path: Path, edit: tuple[str, str], message: str) -> None:

@@ -67,7 +67,7 @@ def locust(base: str, images: Path, batch: int, seconds: int, csv: Path) -> pd.S
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("batch", "options"), [(1, ()), (16, ()), (1, ("--no-model-process",))])
+@pytest.mark.parametrize(("batch", "options"), [(1, ()), (4, ()), (1, ("--no-model-process",))])
 def test_concurrent_requests_share_model_calls_and_none_fails(
     champion, load_images: Path, tmp_path: Path, batch: int, options: tuple[str, ...]
 ) -> None:

@@ -9,8 +9,10 @@ model process, when the request names a `Runner`: modelprocess) for up to
 be prepared, and gives each request its own rows back. One thread hand-off per model call instead
 of one per request keeps the event loop's share of Python's lock small. A lone request (no other
 on its way, and the last call served one request) is sent at once, without waiting; requests that
-arrive while the model is busy form the next batch, so under load the model runs back to back on
-full batches.
+arrive while the model is busy form the next batch, so under load the model runs back to back.
+A call holds at most `max_images` images; a request with more goes alone. Kept small, calls
+answer their requests in waves: the server answers one wave and its clients send again while the
+model makes the next call, where one large call would have every stage wait for the others.
 """
 
 from __future__ import annotations
@@ -132,7 +134,8 @@ class BatchStats:
 
 
 class Batcher:
-    """Gathers requests for up to `wait_s` (or until `max_images`) into one model call."""
+    """Gathers requests for up to `wait_s` (or until `max_images`) into one model call; a
+    request of more than `max_images` images goes alone."""
 
     def __init__(self, max_images: int, wait_s: float) -> None:
         self.max_images, self.wait_s = max_images, wait_s

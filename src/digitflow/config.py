@@ -139,15 +139,6 @@ class ServeParams(_Strict):
     read_timeout_s: float = Field(gt=0)
     access_log: bool
 
-    @model_validator(mode="after")
-    def _one_request_fits_a_model_call(self) -> ServeParams:
-        if self.batch_max_images < self.max_batch:
-            raise ValueError(
-                f"batch_max_images ({self.batch_max_images}) must hold one whole request "
-                f"(max_batch {self.max_batch})"
-            )
-        return self
-
 
 class ImagingParams(_Strict):
     ink_contrast_share: float = Field(gt=0, lt=1)
