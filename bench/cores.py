@@ -6,7 +6,8 @@ python bench/cores.py [--rounds 3] [--steps 150]
 Each trial is a fresh process (TensorFlow's thread pools are fixed at start-up) that trains the
 default model (`digit_cnn`, float32, batch 128) for --steps steps after a warm-up, and records
 training images/s, the process's CPU utilisation (CPU seconds / (wall x cores)) and each core's
-busy share (psutil) over those steps. Settings, alternating round by round:
+busy share (psutil) over those steps, and the CPU seconds of the process's four busiest threads
+(name, seconds, whether it is the main thread). Settings, alternating round by round:
   default          - TensorFlow's own thread pools (one thread per core for each)
   intra_1          - TF_NUM_INTRAOP_THREADS=1, TF_NUM_INTEROP_THREADS=2: ops run one thread
                      each, two at a time
@@ -15,6 +16,8 @@ busy share (psutil) over those steps. Settings, alternating round by round:
                      input pipeline at all
   batch_256        - default threads, batches of 256 (the same images per trial: half the
                      steps)
+  one_core         - default threads, the whole process held to one core (the reference: a
+                     trial at this rate did the work of one core, whatever it was given)
 Before each trial, the machine's pace: one busy-loop process per core for --spin seconds, the
 loop iterations each completed per second (a core the host shares or caps completes fewer).
 """
@@ -38,7 +41,9 @@ SETTINGS: dict[str, dict[str, str]] = {
     "intra_4": {"TF_NUM_INTRAOP_THREADS": "4"},
     "fixed_batch": {},
     "batch_256": {},
+    "one_core": {},
 }
+ONE_CORE = "one_core"
 BATCH = 128
 BATCH_OF = {"batch_256": 256}  # settings that train on other batch sizes
 WARM_STEPS = 20
@@ -58,6 +63,31 @@ def machine_pace(seconds: float) -> list[float]:
     cores = len(os.sched_getaffinity(0))
     with Pool(cores) as pool:
         return [round(rate, 1) for rate in pool.map(_spin, [seconds] * cores)]
+
+
+def thread_cpu_seconds() -> dict[str, tuple[str, float]]:
+    """This process's threads (Linux /proc): id -> (name, CPU seconds so far)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    threads = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:  # the thread ended
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        threads[task.name] = (name, (int(fields[11]) + int(fields[12])) / ticks)
+    return threads
+
+
+def busiest_threads(before: dict, after: dict, count: int = 4) -> list[list]:
+    """The `count` threads that used the most CPU between two thread_cpu_seconds() readings:
+    [name, CPU seconds, main thread or not]."""
+    used = [
+        [name, round(seconds - before.get(tid, (name, 0.0))[1], 2), int(tid) == os.getpid()]
+        for tid, (name, seconds) in after.items()
+    ]
+    return sorted(used, key=lambda row: -row[1])[:count]
 
 
 def trial(work: Path, setting: str, steps: int) -> dict:
@@ -88,9 +118,11 @@ def trial(work: Path, setting: str, steps: int) -> dict:
     else:
         data = inputs.training_dataset(fit, batch_size, params.train.seed, params.model).repeat()
     model.fit(data, steps_per_epoch=WARM_STEPS, epochs=1, verbose=0)
+    threads_before = thread_cpu_seconds()
     before, cpu_before, started = busy_seconds(per_core=True), os.times(), time.perf_counter()
     model.fit(data, steps_per_epoch=steps, epochs=1, verbose=0)
     wall, cpu_after, after = time.perf_counter() - started, os.times(), busy_seconds(per_core=True)
+    threads = busiest_threads(threads_before, thread_cpu_seconds())
     cpu = (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
     busy = [
         round((busy_end - busy_start) / (all_end - all_start), 3)
@@ -101,6 +133,7 @@ def trial(work: Path, setting: str, steps: int) -> dict:
         "cpu_utilisation": round(cpu / (wall * len(os.sched_getaffinity(0))), 3),
         "core_busy": busy,
         "seconds": round(wall, 2),
+        "busiest_threads": threads,
     }
 
 
@@ -108,12 +141,32 @@ def run_trial(work: Path, setting: str, steps: int) -> dict:
     """One trial in a subprocess with the setting's environment."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **SETTINGS[setting]}
     command = [sys.executable, __file__, "--trial", setting, "--work", str(work)]
+    first_core = min(os.sched_getaffinity(0))
     done = subprocess.run(
-        [*command, "--steps", str(steps)], env=env, capture_output=True, text=True, check=False
+        [*command, "--steps", str(steps)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        preexec_fn=(lambda: os.sched_setaffinity(0, {first_core})) if setting == ONE_CORE else None,
     )
     if done.returncode != 0:
         raise RuntimeError(f"trial {setting} exited {done.returncode}:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def at_one_core_rate(trials: dict[str, list[dict]], tolerance: float = 0.02) -> dict:
+    """How many trials with both cores ran no faster than the one-core trials (within
+    `tolerance` of their median rate): those did one core's work."""
+    reference = median([t["images_per_s"] for t in trials[ONE_CORE]])
+    others = [t for name, rows in trials.items() if name != ONE_CORE for t in rows]
+    slow = [t for t in others if t["images_per_s"] <= reference * (1 + tolerance)]
+    return {
+        "one_core_images_per_s": reference,
+        "trials": len(others),
+        "at_one_core_rate": len(slow),
+        "their_cpu_utilisation": sorted(t["cpu_utilisation"] for t in slow),
+    }
 
 
 def main() -> None:
@@ -146,6 +199,7 @@ def main() -> None:
         }
         for name, rows in trials.items()
     }
+    summary["at_one_core_rate"] = at_one_core_rate(trials)
     write_result(
         "cores",
         {
