@@ -16,8 +16,8 @@ busy share (psutil) over those steps, and the CPU seconds of the process's four 
                      input pipeline at all
   batch_256        - default threads, batches of 256 (the same images per trial: half the
                      steps)
-  one_core         - default threads, the whole process held to one core (the reference: a
-                     trial at this rate did the work of one core, whatever it was given)
+  one_core         - default threads, the whole process held to one core (the reference rate
+                     the other settings are compared with)
 Before each trial, the machine's pace: one busy-loop process per core for --spin seconds, the
 loop iterations each completed per second (a core the host shares or caps completes fewer).
 """
@@ -44,6 +44,7 @@ SETTINGS: dict[str, dict[str, str]] = {
     "one_core": {},
 }
 ONE_CORE = "one_core"
+ONE_CORE_TOLERANCE = 0.02  # a trial this close to the one-core rate counts as no faster
 BATCH = 128
 BATCH_OF = {"batch_256": 256}  # settings that train on other batch sizes
 WARM_STEPS = 20
@@ -155,9 +156,9 @@ def run_trial(work: Path, setting: str, steps: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def at_one_core_rate(trials: dict[str, list[dict]], tolerance: float = 0.02) -> dict:
+def at_one_core_rate(trials: dict[str, list[dict]], tolerance: float = ONE_CORE_TOLERANCE) -> dict:
     """How many trials with both cores ran no faster than the one-core trials (within
-    `tolerance` of their median rate): those did one core's work."""
+    `tolerance` of their median rate), and their CPU utilisation."""
     reference = median([t["images_per_s"] for t in trials[ONE_CORE]])
     others = [t for name, rows in trials.items() if name != ONE_CORE for t in rows]
     slow = [t for t in others if t["images_per_s"] <= reference * (1 + tolerance)]
