@@ -18,6 +18,8 @@ busy share (psutil) over those steps, and the CPU seconds of the process's four 
                      steps)
   one_core         - default threads, the whole process held to one core (the reference rate
                      the other settings are compared with)
+  autotune         - default threads, tf.data autotuning on (train.tf_data_autotune: true);
+                     every other setting takes params.yaml's value (off)
 Before each trial, the machine's pace: one busy-loop process per core for --spin seconds, the
 loop iterations each completed per second (a core the host shares or caps completes fewer).
 """
@@ -42,8 +44,10 @@ SETTINGS: dict[str, dict[str, str]] = {
     "fixed_batch": {},
     "batch_256": {},
     "one_core": {},
+    "autotune": {},
 }
 ONE_CORE = "one_core"
+AUTOTUNE = "autotune"
 ONE_CORE_TOLERANCE = 0.02  # a trial this close to the one-core rate counts as no faster
 BATCH = 128
 BATCH_OF = {"batch_256": 256}  # settings that train on other batch sizes
@@ -117,7 +121,10 @@ def trial(work: Path, setting: str, steps: int) -> dict:
         batch = (tf.constant(fit.x[:BATCH]), tf.constant(fit.y[:BATCH].astype(np.int32)))
         data = tf.data.Dataset.from_tensors(batch).repeat()
     else:
-        data = inputs.training_dataset(fit, batch_size, params.train.seed, params.model).repeat()
+        autotune = setting == AUTOTUNE or params.train.tf_data_autotune
+        data = inputs.training_dataset(
+            fit, batch_size, params.train.seed, params.model, autotune=autotune
+        ).repeat()
     model.fit(data, steps_per_epoch=WARM_STEPS, epochs=1, verbose=0)
     threads_before = thread_cpu_seconds()
     before, cpu_before, started = busy_seconds(per_core=True), os.times(), time.perf_counter()

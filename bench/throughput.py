@@ -53,8 +53,8 @@ def main() -> None:
     no_augmentation = params.model.model_copy(
         update={"augment_rotation": 0, "augment_shift": 0, "augment_zoom": 0}
     )
-    pipeline = training_dataset(split, BATCH, params.train.seed, no_augmentation)
-    augmented = training_dataset(split, BATCH, params.train.seed, params.model)
+    pipeline = training_dataset(split, BATCH, params.train.seed, no_augmentation, autotune=False)
+    augmented = training_dataset(split, BATCH, params.train.seed, params.model, autotune=False)
     model = build_model(params.model.model_copy(update={"architecture": "seed_cnn"}))
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     sides = {

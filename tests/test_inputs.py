@@ -37,7 +37,7 @@ def test_without_augmentation_every_image_arrives_once_with_its_label(params) ->
 
     data = _digits()
     model = params.model.model_copy(update=NO_AUGMENTATION)
-    x, y = _epoch(training_dataset(data, 8, seed=1, params=model))
+    x, y = _epoch(training_dataset(data, 8, seed=1, params=model, autotune=False))
     order = [int(np.flatnonzero((data.x == image).all(axis=(1, 2, 3)))[0]) for image in x]
     assert sorted(order) == list(range(len(data.y))), "each image exactly once"
     assert order != list(range(len(data.y))), "shuffled"
@@ -68,8 +68,8 @@ def test_augmentation_is_repeatable_per_seed_and_new_every_epoch(params) -> None
     from digitflow.inputs import training_dataset
 
     data = _digits()
-    first = training_dataset(data, 8, seed=7, params=params.model)
-    again = training_dataset(data, 8, seed=7, params=params.model)
+    first = training_dataset(data, 8, seed=7, params=params.model, autotune=False)
+    again = training_dataset(data, 8, seed=7, params=params.model, autotune=False)
     epoch_one, labels_one = _epoch(first)
     epoch_two, _ = _epoch(first)
     replay, replay_labels = _epoch(again)
@@ -92,3 +92,16 @@ def test_rotation_and_zoom_keep_the_ink_centred(params, setting) -> None:
     warped = augment_batch(tf.constant(image), tf.constant([1, 2], tf.int64), only).numpy()
     assert not np.allclose(warped, image), "the warp must change the image"
     np.testing.assert_allclose(_centre_of_mass(warped[0]), [13.5, 13.5], atol=0.2)
+
+
+def test_input_pipelines_follow_the_autotune_setting(params) -> None:
+    from digitflow.inputs import evaluation_dataset, training_dataset
+
+    data = _digits()
+    assert params.train.tf_data_autotune is False, "params.yaml turns autotuning off"
+    for autotune in (False, True):
+        train = training_dataset(data, 8, seed=1, params=params.model, autotune=autotune)
+        val = evaluation_dataset(data, 8, autotune=autotune)
+        assert train.options().autotune.enabled is autotune
+        assert val.options().autotune.enabled is autotune
+    assert len(_epoch(train)[1]) == len(data.y), "an autotuned pipeline still yields every image"

@@ -50,7 +50,9 @@ def _fit_once(train: TrainParams, model_params: ModelParams, x: np.ndarray, y: n
     seed_everything(train)
     model = build_model(model_params)
     model.compile(optimizer=optimizer(train, 4), loss="sparse_categorical_crossentropy")
-    batches = training_dataset(Arrays(x, y), train.batch_size, train.seed, model_params)
+    batches = training_dataset(
+        Arrays(x, y), train.batch_size, train.seed, model_params, autotune=train.tf_data_autotune
+    )
     history = model.fit(batches, epochs=2, shuffle=False, verbose=0)
     return history.history["loss"]
 

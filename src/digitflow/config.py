@@ -104,6 +104,7 @@ class TrainParams(_Strict):
     deterministic: bool
     batchnorm_batches: int = Field(ge=0)
     steps_per_execution: int = Field(ge=1)
+    tf_data_autotune: bool
     precision: Literal["auto", "float32", "bfloat16"]
 
 

@@ -4,6 +4,11 @@ Augmentation is one random affine warp per image (rotation, zoom, shift), applie
 batches in the input pipeline, so it overlaps with the model's own work and the saved model
 holds no augmentation layers. Random draws come from stateless ops seeded per batch from
 `train.seed`: a run is repeatable, and every epoch still sees new warps.
+
+tf.data's autotuning is off unless `train.tf_data_autotune` asks for it: on the 2-core AMD
+machine it stalled training now and then when an epoch's iterator started (19 s for one batch,
+one core busy; see docs/benchmarks.md). Without it the parallel map runs one call per core and
+prefetch keeps its own buffer sizing, which kept both cores busy in every measured run.
 """
 
 from __future__ import annotations
@@ -56,10 +61,20 @@ def augment_batch(images: tf.Tensor, seed: tf.Tensor, params: ModelParams) -> tf
     )
 
 
+def pipeline_options(autotune: bool) -> tf.data.Options:
+    """tf.data options for the training and validation inputs: autotuning on or off."""
+    options = tf.data.Options()
+    options.autotune.enabled = autotune
+    return options
+
+
 def training_dataset(
-    arrays: Arrays, batch_size: int, seed: int, params: ModelParams
+    arrays: Arrays, batch_size: int, seed: int, params: ModelParams, *, autotune: bool
 ) -> tf.data.Dataset:
-    """Shuffled (reshuffled every epoch), batched, augmented and prefetched training data."""
+    """Shuffled (reshuffled every epoch), batched, augmented and prefetched training data.
+
+    `autotune` is `train.tf_data_autotune`; off, the AUTOTUNE parallelism below falls back to
+    one call per core."""
     batches = (
         tf.data.Dataset.from_tensor_slices((arrays.x, arrays.y.astype(np.int32)))
         .shuffle(len(arrays.y), seed=seed, reshuffle_each_iteration=True)
@@ -71,14 +86,15 @@ def training_dataset(
             lambda pair, batch_seed: (augment_batch(pair[0], batch_seed, params), pair[1]),
             num_parallel_calls=tf.data.AUTOTUNE,
         )
-    return batches.prefetch(tf.data.AUTOTUNE)
+    return batches.prefetch(tf.data.AUTOTUNE).with_options(pipeline_options(autotune))
 
 
-def evaluation_dataset(arrays: Arrays, batch_size: int) -> tf.data.Dataset:
+def evaluation_dataset(arrays: Arrays, batch_size: int, *, autotune: bool) -> tf.data.Dataset:
     """Batched, cached and prefetched data for validation: no shuffling, no augmentation."""
     return (
         tf.data.Dataset.from_tensor_slices((arrays.x, arrays.y.astype(np.int32)))
         .batch(batch_size)
         .cache()
         .prefetch(tf.data.AUTOTUNE)
+        .with_options(pipeline_options(autotune))
     )

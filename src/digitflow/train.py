@@ -176,10 +176,18 @@ def fit_model(params: Params, fit: Arrays, val: Arrays, run_id: str, verbose: in
         )
     started, cpu_before = time.perf_counter(), _cpu_seconds()
     history = model.fit(
-        inputs.training_dataset(fit, settings.batch_size, settings.seed, params.model),
+        inputs.training_dataset(
+            fit,
+            settings.batch_size,
+            settings.seed,
+            params.model,
+            autotune=settings.tf_data_autotune,
+        ),
         epochs=settings.epochs,
         shuffle=False,  # the dataset reshuffles itself every epoch
-        validation_data=inputs.evaluation_dataset(val, settings.batch_size),
+        validation_data=inputs.evaluation_dataset(
+            val, settings.batch_size, autotune=settings.tf_data_autotune
+        ),
         callbacks=[
             keras.callbacks.TerminateOnNaN(),
             keras.callbacks.EarlyStopping(
