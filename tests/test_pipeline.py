@@ -99,6 +99,8 @@ def test_mlflow_run_holds_params_metrics_tags_artifacts_and_model(flow_run) -> N
     assert mlflow_run.data.params["model.architecture"] == "seed_cnn"
     assert len(client.get_metric_history(summary["run_id"], "val_loss")) == 2
     assert len(client.get_metric_history(summary["run_id"], "accuracy")) == 2
+    pace = client.get_metric_history(summary["run_id"], "epoch_cpu_utilisation")
+    assert len(pace) == 2 and all(0 < point.value <= 1.05 for point in pace)
     assert mlflow_run.data.metrics["test_accuracy"] == pytest.approx(summary["test_accuracy"])
     tags = mlflow_run.data.tags
     head = run(["git", "rev-parse", "HEAD"], project.root).stdout.strip()

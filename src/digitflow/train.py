@@ -61,6 +61,28 @@ class MlflowEpochLogger(keras.callbacks.Callback):
         )
 
 
+class EpochPace(keras.callbacks.Callback):
+    """Adds each epoch's wall seconds and this process's CPU utilisation over it (CPU seconds /
+    (wall x usable cores)) to the epoch's logs, so the history and MLflow hold them. Place it
+    before the callbacks that read the logs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cores = len(os.sched_getaffinity(0))
+        self.started = self.cpu_before = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.started, self.cpu_before = time.perf_counter(), _cpu_seconds()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        seconds = time.perf_counter() - self.started
+        if logs is not None:
+            logs["epoch_seconds"] = seconds
+            logs["epoch_cpu_utilisation"] = (_cpu_seconds() - self.cpu_before) / (
+                seconds * self.cores
+            )
+
+
 class TimeForecast(keras.callbacks.Callback):
     """After the first epoch, says how long all of them will take on this machine. The first
     epoch includes tracing the model, so the forecast leans long."""
@@ -189,6 +211,7 @@ def fit_model(params: Params, fit: Arrays, val: Arrays, run_id: str, verbose: in
             val, settings.batch_size, autotune=settings.tf_data_autotune
         ),
         callbacks=[
+            EpochPace(),
             keras.callbacks.TerminateOnNaN(),
             keras.callbacks.EarlyStopping(
                 monitor="val_loss",
