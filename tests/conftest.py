@@ -127,6 +127,8 @@ PIPELINE_SLICE = {
     ("model", "architecture"): "seed_cnn",
     ("train", "epochs"): 2,
     ("train", "lr_schedule"): "constant",
+    ("train", "batch_size"): 128,  # the tutorial's batch and learning rate
+    ("train", "learning_rate"): 0.001,
     ("promotion", "min_accuracy"): 0.3,
 }
 
@@ -195,6 +197,8 @@ SERVING_SLICE = {
     ("model", "architecture"): "seed_cnn",
     ("train", "epochs"): 2,
     ("train", "lr_schedule"): "constant",
+    ("train", "batch_size"): 128,  # the tutorial's batch and learning rate
+    ("train", "learning_rate"): 0.001,
     ("promotion", "min_accuracy"): 0.3,
     ("serve", "reload_interval_s"): 1,
     ("serve", "max_batch"): 64,

@@ -24,6 +24,8 @@ WEAK = {
     ("model", "architecture"): "seed_cnn",
     ("train", "epochs"): 1,
     ("train", "lr_schedule"): "constant",
+    ("train", "batch_size"): 128,  # the tutorial's batch and learning rate
+    ("train", "learning_rate"): 0.001,
     ("promotion", "min_accuracy"): 0.3,
     # Two seeds of one recipe are two slightly different models: at the default alpha 0.05 a
     # test that expects "not shown better" in both directions would fail about 1 run in 20 by

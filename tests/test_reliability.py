@@ -183,6 +183,8 @@ SLICE = {
     ("model", "architecture"): "seed_cnn",
     ("train", "epochs"): 1,
     ("train", "lr_schedule"): "constant",
+    ("train", "batch_size"): 128,  # the tutorial's batch and learning rate
+    ("train", "learning_rate"): 0.001,
     ("promotion", "min_accuracy"): 0.2,
 }
 

@@ -29,6 +29,8 @@ SLICE = {
     ("model", "architecture"): "seed_cnn",
     ("train", "epochs"): 2,
     ("train", "lr_schedule"): "constant",
+    ("train", "batch_size"): 128,  # the tutorial's batch and learning rate
+    ("train", "learning_rate"): 0.001,
     ("promotion", "min_accuracy"): 0.3,
     ("promotion", "alpha"): 1e-12,  # later runs never replace the champion by themselves
     # The watcher `digitflow deploy` runs would start a run for every batch a test drops in the
