@@ -5,8 +5,8 @@ python bench/cores.py [--rounds 3] [--steps 150]
 
 Each trial is a fresh process (TensorFlow's thread pools are fixed at start-up) that trains the
 default model (`digit_cnn`, float32, batches of 128, the default before 256) for --steps steps
-after a warm-up, and records training images/s, the process's CPU utilisation (CPU seconds / (wall x cores)) and each core's
-busy share (psutil) over those steps, and the CPU seconds of the process's four busiest threads
+after a warm-up, and records training images/s, the process's CPU utilisation (CPU seconds /
+(wall x cores)) and each core's busy share (psutil) over those steps, and the CPU seconds of the process's four busiest threads
 (name, seconds, whether it is the main thread). Settings, alternating round by round:
   default          - TensorFlow's own thread pools (one thread per core for each)
   intra_1          - TF_NUM_INTRAOP_THREADS=1, TF_NUM_INTEROP_THREADS=2: ops run one thread

@@ -53,8 +53,12 @@ def main() -> None:
     no_augmentation = params.model.model_copy(
         update={"augment_rotation": 0, "augment_shift": 0, "augment_zoom": 0}
     )
-    pipeline = training_dataset(split, BATCH, params.train.seed, no_augmentation, autotune=False)
-    augmented = training_dataset(split, BATCH, params.train.seed, params.model, autotune=False)
+    pipeline = training_dataset(
+        split, BATCH, params.train.seed, no_augmentation, autotune=params.train.tf_data_autotune
+    )
+    augmented = training_dataset(
+        split, BATCH, params.train.seed, params.model, autotune=params.train.tf_data_autotune
+    )
     model = build_model(params.model.model_copy(update={"architecture": "seed_cnn"}))
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     sides = {

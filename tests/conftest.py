@@ -120,15 +120,21 @@ def clone_project(source: Paths, target: Path) -> Paths:
     return Paths((target / source.root.name).resolve())
 
 
+# The tutorial's training recipe (its batch, learning rate and constant schedule), for the
+# slices that train `seed_cnn`; params.yaml's defaults are `digit_cnn`'s.
+TUTORIAL_TRAINING = {
+    ("train", "lr_schedule"): "constant",
+    ("train", "batch_size"): 128,
+    ("train", "learning_rate"): 0.001,
+}
+
 # The pipeline on a slice: tiny and quick, but a real model that clears a low gate.
 PIPELINE_SLICE = {
     ("data", "max_train_samples"): 2000,
     ("data", "max_test_samples"): 500,
     ("model", "architecture"): "seed_cnn",
     ("train", "epochs"): 2,
-    ("train", "lr_schedule"): "constant",
-    ("train", "batch_size"): 128,  # the tutorial's batch and learning rate
-    ("train", "learning_rate"): 0.001,
+    **TUTORIAL_TRAINING,
     ("promotion", "min_accuracy"): 0.3,
 }
 
@@ -196,9 +202,7 @@ SERVING_SLICE = {
     ("data", "max_test_samples"): 1000,
     ("model", "architecture"): "seed_cnn",
     ("train", "epochs"): 2,
-    ("train", "lr_schedule"): "constant",
-    ("train", "batch_size"): 128,  # the tutorial's batch and learning rate
-    ("train", "learning_rate"): 0.001,
+    **TUTORIAL_TRAINING,
     ("promotion", "min_accuracy"): 0.3,
     ("serve", "reload_interval_s"): 1,
     ("serve", "max_batch"): 64,

@@ -7,7 +7,7 @@ import shutil
 import sys
 
 import pytest
-from conftest import clone_project, make_project, run, set_params
+from conftest import TUTORIAL_TRAINING, clone_project, make_project, run, set_params
 from scipy.stats import binomtest
 
 from digitflow import tracking
@@ -23,9 +23,7 @@ WEAK = {
     ("data", "max_test_samples"): 1000,
     ("model", "architecture"): "seed_cnn",
     ("train", "epochs"): 1,
-    ("train", "lr_schedule"): "constant",
-    ("train", "batch_size"): 128,  # the tutorial's batch and learning rate
-    ("train", "learning_rate"): 0.001,
+    **TUTORIAL_TRAINING,
     ("promotion", "min_accuracy"): 0.3,
     # Two seeds of one recipe are two slightly different models: at the default alpha 0.05 a
     # test that expects "not shown better" in both directions would fail about 1 run in 20 by

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from conftest import (
     REPO,
+    TUTORIAL_TRAINING,
     clone_project,
     free_port,
     make_project,
@@ -182,9 +183,7 @@ SLICE = {
     ("data", "max_test_samples"): 400,
     ("model", "architecture"): "seed_cnn",
     ("train", "epochs"): 1,
-    ("train", "lr_schedule"): "constant",
-    ("train", "batch_size"): 128,  # the tutorial's batch and learning rate
-    ("train", "learning_rate"): 0.001,
+    **TUTORIAL_TRAINING,
     ("promotion", "min_accuracy"): 0.2,
 }
 

@@ -11,7 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_project, run, set_params, stop, tree_digest, venv_env, wait_until_up
+from conftest import (
+    TUTORIAL_TRAINING,
+    make_project,
+    run,
+    set_params,
+    stop,
+    tree_digest,
+    venv_env,
+    wait_until_up,
+)
 from PIL import Image
 
 from digitflow import tracking
@@ -28,9 +37,7 @@ SLICE = {
     ("data", "max_test_samples"): 500,
     ("model", "architecture"): "seed_cnn",
     ("train", "epochs"): 2,
-    ("train", "lr_schedule"): "constant",
-    ("train", "batch_size"): 128,  # the tutorial's batch and learning rate
-    ("train", "learning_rate"): 0.001,
+    **TUTORIAL_TRAINING,
     ("promotion", "min_accuracy"): 0.3,
     ("promotion", "alpha"): 1e-12,  # later runs never replace the champion by themselves
     # The watcher `digitflow deploy` runs would start a run for every batch a test drops in the

@@ -68,7 +68,6 @@ class EpochPace(keras.callbacks.Callback):
 
     def __init__(self) -> None:
         super().__init__()
-        self.cores = len(os.sched_getaffinity(0))
         self.started = self.cpu_before = 0.0
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
@@ -78,9 +77,7 @@ class EpochPace(keras.callbacks.Callback):
         seconds = time.perf_counter() - self.started
         if logs is not None:
             logs["epoch_seconds"] = seconds
-            logs["epoch_cpu_utilisation"] = (_cpu_seconds() - self.cpu_before) / (
-                seconds * self.cores
-            )
+            logs["epoch_cpu_utilisation"] = utilisation(_cpu_seconds() - self.cpu_before, seconds)
 
 
 class TimeForecast(keras.callbacks.Callback):
@@ -236,7 +233,7 @@ def fit_model(params: Params, fit: Arrays, val: Arrays, run_id: str, verbose: in
         frame,
         time.perf_counter() - started,
         strategy.num_replicas_in_sync,
-        fit_cpu / (fit_seconds * len(os.sched_getaffinity(0))),
+        utilisation(fit_cpu, fit_seconds),
         chosen,
     )
 
@@ -245,6 +242,11 @@ def _cpu_seconds() -> float:
     """CPU seconds this process has used, all threads, user and system."""
     times = os.times()
     return times.user + times.system
+
+
+def utilisation(cpu_seconds: float, wall_seconds: float) -> float:
+    """CPU seconds over wall seconds times the cores this process may use."""
+    return cpu_seconds / (wall_seconds * len(os.sched_getaffinity(0)))
 
 
 def train(paths: Paths, params: Params) -> TrainResult:
