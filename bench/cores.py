@@ -4,7 +4,7 @@ machine's own pace.
 python bench/cores.py [--rounds 3] [--steps 150]
 
 Each trial is a fresh process (TensorFlow's thread pools are fixed at start-up) that trains the
-default model (`digit_cnn`, float32, batches of 128, the default before 256) for --steps steps
+default model (`digit_cnn`, float32, batches of 128, the default before 256 and 512) for --steps steps
 after a warm-up, and records training images/s, the process's CPU utilisation (CPU seconds /
 (wall x cores)) and each core's busy share (psutil) over those steps, and the CPU seconds of the process's four busiest threads
 (name, seconds, whether it is the main thread). Settings, alternating round by round:
@@ -14,8 +14,8 @@ after a warm-up, and records training images/s, the process's CPU utilisation (C
   intra_4          - TF_NUM_INTRAOP_THREADS=4: finer shards than cores
   fixed_batch      - default threads, one batch held in memory and fed again and again: no
                      input pipeline at all
-  batch_256        - default threads, batches of 256 as in params.yaml (the same images per
-                     trial: half the steps)
+  batch_256        - default threads, batches of 256 (the default before 512; the same images
+                     per trial: half the steps)
   one_core         - default threads, the whole process held to one core (the reference rate
                      the other settings are compared with)
   autotune         - default threads, tf.data autotuning on (train.tf_data_autotune: true);
