@@ -232,9 +232,7 @@ def test_nan_loss_stops_training_and_registers_nothing(trained: Paths) -> None:
     try:
         result = run(["dvc", "repro"], trained.root, check=False)
     finally:
-        set_params(
-            trained, {("train", "learning_rate"): SLICE.get(("train", "learning_rate"), 0.001)}
-        )
+        set_params(trained, {("train", "learning_rate"): SLICE[("train", "learning_rate")]})
     assert result.returncode != 0
     assert "the loss became NaN" in result.stdout + result.stderr
     assert _latest_run(trained).info.status == "FAILED"
