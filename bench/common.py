@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
+from digitflow.precision import BF16_FLAGS, cpu_flags
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 # The classic tutorial's settings as params overrides: its model, 10 epochs, batch 128, constant
@@ -58,6 +60,8 @@ def machine() -> dict:
         "python": platform.python_version(),
         "cpu": cpu_model(),
         "cpus": os.cpu_count(),
+        # Which hardware bfloat16 the CPU has decides what `train.precision: auto` trains in.
+        "bf16_flags": sorted(cpu_flags() & BF16_FLAGS),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": versions,

@@ -37,7 +37,9 @@ def newest_each_cpu(prefix: str) -> list[dict]:
 def machine_of(result: dict) -> str:
     """The CPU model and date a result file records."""
     machine = result.get("machine", {})
-    return f"{machine.get('cpu', 'CPU not recorded')}, {machine.get('date', '?')[:10]}"
+    flags = machine.get("bf16_flags")
+    bf16 = "" if flags is None else f" ({' '.join(flags) or 'no bf16 flags'})"
+    return f"{machine.get('cpu', 'CPU not recorded')}{bf16}, {machine.get('date', '?')[:10]}"
 
 
 SERVER_LABELS = {  # bench/serving.py's servers
@@ -107,7 +109,7 @@ def table() -> str:
                     f" = {result['ratio_train_seconds_mean_over_tutorial_fit']:.2f}x the plain "
                     f"tutorial's 10-epoch fit ({result['tutorial_reference']['fit_seconds']:.0f} s, "
                     f"same run); CPU utilisation over the fit "
-                    f"{100 * result['cpu_utilisation_mean']:.0f}%"
+                    f"{100 * result['cpu_utilisation_mean']:.1f}%"
                 )
             rows.append(
                 f"| `{preset}` test accuracy ({runs} seeds) | {result['test_accuracy_mean']:.4f} ± "
