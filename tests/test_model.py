@@ -191,8 +191,9 @@ def test_training_time_is_forecast_from_the_first_epoch(
     ("setting", "flags", "expected"),
     [
         ("auto", {"avx512f", "avx2"}, "float32"),  # no bfloat16 in hardware
-        ("auto", {"avx512f", "amx_bf16", "amx_tile"}, "bfloat16"),
+        ("auto", {"avx512f", "amx_bf16", "amx_tile", "avx512_bf16"}, "float32"),  # AMX: no gain
         ("auto", {"avx512_bf16"}, "bfloat16"),
+        ("bfloat16", {"amx_bf16", "avx512_bf16"}, "bfloat16"),
         ("float32", {"amx_bf16"}, "float32"),
         ("bfloat16", set(), "bfloat16"),
     ],
