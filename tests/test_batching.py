@@ -165,6 +165,35 @@ def test_a_request_whose_preparation_raises_gets_its_own_error() -> None:
     assert answered.probabilities[:, 0].tolist() == [784]
 
 
+@pytest.mark.parametrize("calls_in_flight", [1, 2])
+def test_calls_in_flight_bounds_the_model_calls_made_at_once(calls_in_flight: int) -> None:
+    import threading
+
+    running, most, lock = 0, 0, threading.Lock()
+
+    def slow_sums(images: np.ndarray) -> np.ndarray:  # in a worker thread, like the model
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        time.sleep(0.05)
+        with lock:
+            running -= 1
+        return row_sums(images)
+
+    async def scenario() -> list[np.ndarray]:
+        batcher = Batcher(max_images=2, wait_s=0.0, calls_in_flight=calls_in_flight)
+        batcher.start()
+        images = [np.full((2, 28, 28, 1), index, np.float32) for index in range(6)]
+        answers = await asyncio.gather(*(batcher.predict(slow_sums, each) for each in images))
+        await batcher.stop()
+        return answers
+
+    answers = asyncio.run(scenario())
+    assert [answer[:, 0].tolist() for answer in answers] == [[i * 784] * 2 for i in range(6)]
+    assert most == calls_in_flight
+
+
 def test_submit_needs_images_or_files_with_a_preparation() -> None:
     async def scenario() -> None:
         batcher = Batcher(8, 0.0)

@@ -137,8 +137,9 @@ class Batcher:
     """Gathers requests for up to `wait_s` (or until `max_images`) into one model call; a
     request of more than `max_images` images goes alone."""
 
-    def __init__(self, max_images: int, wait_s: float) -> None:
+    def __init__(self, max_images: int, wait_s: float, calls_in_flight: int = 1) -> None:
         self.max_images, self.wait_s = max_images, wait_s
+        self.calls_in_flight = calls_in_flight
         self.stats = BatchStats()
         self._queue: asyncio.Queue[Pending] | None = None
         self._task: asyncio.Task | None = None
@@ -212,26 +213,43 @@ class Batcher:
         return batch, None
 
     async def _run(self) -> None:
+        """Gather and send calls; up to `calls_in_flight` at once, so that the next call is
+        waiting at the model when the one before is answered."""
         assert self._queue is not None
+        slots = asyncio.Semaphore(self.calls_in_flight)
+        calls: set[asyncio.Task] = set()
         carried: Pending | None = None
-        while True:
-            first = carried or await self._queue.get()
-            batch, carried = await self._gather(first)
-            try:
-                if first.runner is not None:
-                    answers = await first.runner.compute(batch)
-                else:
-                    answers = await anyio.to_thread.run_sync(compute_batch, batch)
-            except Exception as exc:  # not expected: compute_batch hands each request its error
-                answers = [exc] * len(batch)
-            called = [a for a in answers if isinstance(a, Answer) and a.probabilities is not None]
-            if called:
-                self.stats.record(len(called), sum(len(answer.inputs) for answer in called))
-            self._alone = len(batch) == 1
-            for pending, answer in zip(batch, answers, strict=True):
-                if pending.answer is None or pending.answer.done():  # its client may have gone
-                    continue
-                if isinstance(answer, BaseException):
-                    pending.answer.set_exception(answer)
-                else:
-                    pending.answer.set_result(answer)
+        try:
+            while True:
+                await slots.acquire()
+                first = carried or await self._queue.get()
+                batch, carried = await self._gather(first)
+                call = asyncio.get_running_loop().create_task(self._call(batch))
+                calls.add(call)
+                call.add_done_callback(calls.discard)
+                call.add_done_callback(lambda _: slots.release())
+        finally:
+            for call in list(calls):
+                call.cancel()
+
+    async def _call(self, batch: list[Pending]) -> None:
+        """One model call, and each request's answer (or error) handed back."""
+        first = batch[0]
+        try:
+            if first.runner is not None:
+                answers = await first.runner.compute(batch)
+            else:
+                answers = await anyio.to_thread.run_sync(compute_batch, batch)
+        except Exception as exc:  # not expected: compute_batch hands each request its error
+            answers = [exc] * len(batch)
+        called = [a for a in answers if isinstance(a, Answer) and a.probabilities is not None]
+        if called:
+            self.stats.record(len(called), sum(len(answer.inputs) for answer in called))
+        self._alone = len(batch) == 1
+        for pending, answer in zip(batch, answers, strict=True):
+            if pending.answer is None or pending.answer.done():  # its client may have gone
+                continue
+            if isinstance(answer, BaseException):
+                pending.answer.set_exception(answer)
+            else:
+                pending.answer.set_result(answer)

@@ -132,6 +132,7 @@ class ServeParams(_Strict):
     decode_processes: int = Field(ge=0)
     batch_wait_ms: float = Field(ge=0, le=1000)
     batch_max_images: int = Field(ge=1)
+    batch_calls_in_flight: int = Field(ge=1)
     workers: int = Field(ge=1)
     model_process: bool
     model_threads: int = Field(ge=0)

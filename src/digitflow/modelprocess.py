@@ -19,8 +19,10 @@ import gc
 import multiprocessing
 import os
 import pickle
+import queue
 import sys
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 from functools import partial
 from multiprocessing.connection import Connection
@@ -109,14 +111,23 @@ def _serve_calls(
     gc.freeze()  # the model's objects live as long as the process: out of the collector's sight
     prepare_files = partial(prepare_within_budget, ink=scorer.ink, max_pixels=max_pixels)
     conn.send(("ready", ""))
+    calls: queue.SimpleQueue[Work | None] = queue.SimpleQueue()
+    threading.Thread(target=_receive_calls, args=(conn, calls), name="calls", daemon=True).start()
+    while (work := calls.get()) is not None:
+        conn.send(_answers(scorer.probabilities, prepare_files, work))
+
+
+def _receive_calls(conn: Connection, calls: queue.SimpleQueue) -> None:
+    """In the model process: read calls off the pipe as they come (so that the server's sends
+    never wait for the model), then None when told to stop or when the pipe closes."""
     while True:
         try:
             work = conn.recv()
-        except EOFError:
-            return
+        except (EOFError, OSError):
+            work = None
+        calls.put(work)
         if work is None:
             return
-        conn.send(_answers(scorer.probabilities, prepare_files, work))
 
 
 def _start(
@@ -162,8 +173,9 @@ def _spawn(
 
 
 class ModelProcess:
-    """One model's calls, made in a process of its own; one call at a time (the batcher's).
-    The process starts loading the model at once; `wait_ready` before the first call."""
+    """One model's calls, made in a process of its own, in the order they are sent; a call can
+    be sent while the one before is computing (the batcher's `calls_in_flight`). The process
+    starts loading the model at once; `wait_ready` before the first call."""
 
     def __init__(self, uri: str, ink: InkSettings, max_pixels: int) -> None:
         import mlflow
@@ -172,7 +184,8 @@ class ModelProcess:
         self._store = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())  # the model's
         self._process, self._conn = _start(uri, ink, self._store, max_pixels)
         self._lock = threading.Lock()  # the pipe's state, shared with close() from other threads
-        self._in_flight = self._closed = False
+        self._in_flight, self._closed = 0, False
+        self._replies: deque[asyncio.Future] = deque()  # calls sent, oldest first (event loop)
         self.restarts = 0
 
     def wait_ready(self) -> None:
@@ -190,7 +203,7 @@ class ModelProcess:
         if conn is None:
             return await anyio.to_thread.run_sync(compute_batch, batch)
         try:
-            return await _reply(conn)
+            return await self._reply(conn)
         except (EOFError, OSError):  # the process died during the call
             self._gone(conn)
             return await anyio.to_thread.run_sync(compute_batch, batch)
@@ -211,16 +224,50 @@ class ModelProcess:
             except OSError:  # the process died since the last call
                 pass
             else:
-                self._in_flight = True
+                self._in_flight += 1
                 return conn
         self._gone(conn)
         return None
 
+    def _reply(self, conn: Connection) -> asyncio.Future:
+        """The reply to the call just sent (replies come in the order of the calls), read on
+        the event loop as soon as it is there."""
+        loop = asyncio.get_running_loop()
+        reply = loop.create_future()
+        if not self._replies:
+            loop.add_reader(conn.fileno(), self._read, conn)
+        self._replies.append(reply)
+        return reply
+
+    def _read(self, conn: Connection) -> None:
+        """On the event loop, when the pipe has data: the oldest call's reply."""
+        fd = conn.fileno()
+        os.set_blocking(fd, True)  # the loop made it non-blocking: read the whole reply
+        try:
+            answers = conn.recv()
+        except (EOFError, OSError):
+            self._fail_replies(conn)
+            return
+        reply = self._replies.popleft()
+        if not self._replies:
+            asyncio.get_running_loop().remove_reader(fd)
+        if not reply.done():
+            reply.set_result(answers)
+
+    def _fail_replies(self, conn: Connection) -> None:
+        """The pipe broke: every call still waiting on it gets EOFError (and is made here)."""
+        if self._replies:
+            asyncio.get_running_loop().remove_reader(conn.fileno())
+        while self._replies:
+            reply = self._replies.popleft()
+            if not reply.done():
+                reply.set_exception(EOFError("the model process is gone"))
+
     def _call_over(self, conn: Connection) -> None:
         with self._lock:
             if conn is self._conn:
-                self._in_flight = False
-                if self._closed:
+                self._in_flight -= 1
+                if self._closed and not self._in_flight:
                     self._finish()
 
     def _gone(self, conn: Connection | None, restart: bool = True) -> None:
@@ -228,7 +275,8 @@ class ModelProcess:
         with self._lock:
             if conn is not self._conn or conn is None:
                 return
-            process, self._conn, self._in_flight = self._process, None, False
+            process, self._conn, self._in_flight = self._process, None, 0
+            self._fail_replies(conn)
             conn.close()
             restart = restart and not self._closed
         process.kill()
@@ -261,7 +309,7 @@ class ModelProcess:
             return {"pid": self._process.pid if alive else None, "restarts": self.restarts}
 
     def close(self) -> None:
-        """Stop the process once the call it is making (if any) is answered."""
+        """Stop the process once the calls it is making (if any) are answered."""
         with self._lock:
             if self._closed:
                 return
@@ -285,17 +333,3 @@ def _reap(process: multiprocessing.process.BaseProcess) -> None:
     if process.is_alive():
         process.kill()
         process.join()
-
-
-async def _reply(conn: Connection) -> list[Answer | BaseException]:
-    """The model process's reply, read on the event loop as soon as it is there."""
-    loop = asyncio.get_running_loop()
-    arrived = loop.create_future()
-    fd = conn.fileno()
-    loop.add_reader(fd, lambda: arrived.done() or arrived.set_result(None))
-    try:
-        await arrived
-    finally:
-        loop.remove_reader(fd)
-        os.set_blocking(fd, True)  # the loop made it non-blocking: read the whole reply
-    return conn.recv()

@@ -451,7 +451,9 @@ def create_app(
     """The HTTP API and the drawing page around a model holder; predictions go to `log` (None:
     not logged, and /feedback answers 503)."""
     batch_model = bounded_batch(limits.max_batch)
-    batcher = Batcher(limits.batch_max_images, limits.batch_wait_ms / 1000)
+    batcher = Batcher(
+        limits.batch_max_images, limits.batch_wait_ms / 1000, limits.batch_calls_in_flight
+    )
     processes: ProcessPoolExecutor | None = None
     replacing = asyncio.Lock()
     access = access or FeedbackAccess(token=None, loopback=True, rate_limit="30/minute")
