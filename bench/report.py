@@ -187,6 +187,15 @@ def table() -> str:
             logging["single_image_latency_ms"]["log_off"],
         )
         ratios = logging["ratios_log_on_over_off"]
+        if "sixteen_clients_throughput" in ratios:
+            loads = logging["sixteen_clients"]
+            rows.append(
+                "| 16 single-image clients, prediction log on / off | "
+                f"{ratios['sixteen_clients_throughput']:.2f} "
+                f"({loads['log_on']['requests_per_s']:.0f} / "
+                f"{loads['log_off']['requests_per_s']:.0f} requests/s) "
+                f"| `python bench/prediction_log.py` | `{logging['file']}` ({machine_of(logging)}) |"
+            )
         rows.append(
             f"| one image over HTTP, prediction log on / off | p50 {ratios['p50']:.2f} ({on['p50']:.1f} / "
             f"{off['p50']:.1f} ms), p99 {ratios['p99']:.2f} ({on['p99']:.1f} / {off['p99']:.1f} ms); "
