@@ -187,52 +187,6 @@ def test_the_writer_batches_and_a_full_queue_drops_and_counts(tmp_path: Path) ->
         assert count.scalar() == 5 == writer.written
 
 
-def _count_rows(url: str) -> int:
-    with plog.engine_for(url).connect() as connection:
-        return connection.execute(sa.select(sa.func.count()).select_from(plog.predictions)).scalar()
-
-
-def test_the_log_process_inserts_and_a_killed_one_loses_no_batch(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'log.db'}"
-    writer = plog.LogWriter(url, 0.05, 100, 30, own_process=True)
-    writer.start()
-    try:
-        writer.submit([_logged(i) for i in range(4)])
-        assert writer.flush(60)
-        first = writer.health()["process"]
-        assert first is not None and first != os.getpid()
-        assert _count_rows(url) == 4 == writer.written
-        os.kill(first, signal.SIGKILL)  # a fault that cannot be caused any other way
-        time.sleep(0.2)
-        writer.submit([_logged(i) for i in range(4, 7)])
-        assert writer.flush(60)  # written in the server, or by a new process
-        writer.submit([_logged(i) for i in range(7, 9)])
-        assert writer.flush(60)
-        second = writer.health()["process"]
-        assert second not in (None, first)
-        assert _count_rows(url) == 9 == writer.written and writer.failed == 0
-    finally:
-        writer.stop()
-    assert writer.health()["process"] is None
-
-
-def test_the_log_process_reports_a_failed_insert_as_failed(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'log.db'}"
-    writer = plog.LogWriter(url, 0.05, 100, 30, own_process=True)
-    writer.start()
-    try:
-        logged = _logged(0)
-        writer.submit([logged])
-        assert writer.flush(60)
-        writer.submit([logged])  # the same id again: the primary key refuses it
-        assert writer.flush(60)
-        health = writer.health()
-        assert health["written"] == 1 and health["failed"] == 1
-        assert health["status"] == "failing" and "IntegrityError" in health["last_error"]
-    finally:
-        writer.stop()
-
-
 def test_old_images_are_purged_except_those_awaiting_export(tmp_path: Path) -> None:
     engine = plog.open_log(f"sqlite:///{tmp_path / 'log.db'}")
     old, old_corrected, recent = _logged(0, days_old=40), _logged(1, days_old=40), _logged(2)

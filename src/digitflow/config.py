@@ -165,7 +165,6 @@ class FeedbackParams(_Strict):
     retention_days: float = Field(gt=0)
     flush_interval_s: float = Field(gt=0)
     queue_size: int = Field(ge=1)
-    log_process: bool
     rate_limit: str = Field(min_length=1)
     confident_probability: float = Field(gt=0, le=1)
     hold_min_count: int = Field(ge=1)

@@ -237,19 +237,10 @@ class LogWriter:
     """Writes predictions in the background, in batches; counts what it could not write."""
 
     def __init__(
-        self,
-        url: str,
-        flush_interval_s: float,
-        queue_size: int,
-        retention_days: float,
-        own_process: bool = False,
+        self, url: str, flush_interval_s: float, queue_size: int, retention_days: float
     ) -> None:
-        from .logprocess import LogProcess
-
         self.url = url
         self.engine = engine_for(url)
-        # Inserts in a process of their own (logprocess), or in this thread.
-        self._process = LogProcess(url) if own_process else None
         self.flush_interval_s = flush_interval_s
         self.retention_days = retention_days
         self._next_purge = 0.0
@@ -334,26 +325,13 @@ class LogWriter:
         try:
             if not self._try_schema():
                 raise RuntimeError(f"prediction log not writable: {self.last_error}")
-            self._insert(batch)
+            write_predictions(self.engine, batch)
             self.written += len(batch)
         except Exception as exc:  # never fail a prediction over its log entry
             self.failed += len(batch)
             self._note_error(exc)
         finally:
             self._settle(len(batch))
-
-    def _insert(self, batch: list[LoggedPrediction]) -> None:
-        """One transaction: in the log process when there is one (in this thread when it has
-        died; a new one is started for the next batch), else here."""
-        from .logprocess import LogProcessGone
-
-        if self._process is not None:
-            try:
-                self._process.write(batch)
-                return
-            except LogProcessGone as exc:
-                print(f"{exc}: this batch is written in the server, the next in a new one")
-        write_predictions(self.engine, batch)
 
     def flush(self, timeout_s: float = 5.0) -> bool:
         """Wait until everything submitted so far was written (or given up); False on timeout."""
@@ -365,8 +343,6 @@ class LogWriter:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=timeout_s)
-        if self._process is not None:
-            self._process.close()
 
     def health(self) -> dict[str, Any]:
         """Counts and the last error, for /health."""
@@ -378,7 +354,6 @@ class LogWriter:
             "failed": self.failed,
             "dropped": self.dropped,
             "queued": self._queue.qsize(),
-            "process": None if self._process is None else self._process.pid,
             "last_error": self.last_error or None,
         }
 

@@ -269,13 +269,7 @@ def _prediction_log(project, params: Params, host: str, wanted: bool):
         console.print("prediction log: off; /feedback answers 503")
         return None, access
     url = project.prediction_db(params)
-    log = LogWriter(
-        url,
-        settings.flush_interval_s,
-        settings.queue_size,
-        settings.retention_days,
-        own_process=settings.log_process,
-    )
+    log = LogWriter(url, settings.flush_interval_s, settings.queue_size, settings.retention_days)
     console.print(f"prediction log: {log.health()['database']}")
     if token is None and not access.loopback:
         errors.print(
