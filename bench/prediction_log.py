@@ -94,14 +94,15 @@ def main() -> None:
                 f"round {round_number + 1}: "
                 + json.dumps({side: percentiles(values) for side, values in latencies.items()})
             )
-            for side in order if args.seconds else []:
-                base = f"http://127.0.0.1:{ports[side]}"
-                figures = locust(
-                    base, images, 16, 1, args.seconds, work / "load", servers[side].pid
-                )
-                loads[side].append(figures)
-                print(f"round {round_number + 1}, 16 clients, {side}: {json.dumps(figures)}")
-                time.sleep(1.0)
+            if args.seconds:
+                for side in order:
+                    base = f"http://127.0.0.1:{ports[side]}"
+                    run = locust(
+                        base, images, 16, 1, args.seconds, work / "load", servers[side].pid
+                    )
+                    loads[side].append(run)
+                    print(f"round {round_number + 1}, 16 clients, {side}: {json.dumps(run)}")
+                    time.sleep(1.0)
         health = requests.get(f"http://127.0.0.1:{ports['log_on']}/health", timeout=10).json()
     finally:
         for server in servers.values():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import numpy as np
@@ -167,8 +168,6 @@ def test_a_request_whose_preparation_raises_gets_its_own_error() -> None:
 
 @pytest.mark.parametrize("calls_in_flight", [1, 2])
 def test_calls_in_flight_bounds_the_model_calls_made_at_once(calls_in_flight: int) -> None:
-    import threading
-
     running, most, lock = 0, 0, threading.Lock()
 
     def slow_sums(images: np.ndarray) -> np.ndarray:  # in a worker thread, like the model

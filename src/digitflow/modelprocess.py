@@ -207,7 +207,7 @@ class ModelProcess:
         except (EOFError, OSError):  # the process died during the call
             self._gone(conn)
             return await anyio.to_thread.run_sync(compute_batch, batch)
-        except asyncio.CancelledError:  # its reply would answer the next call: do not reuse it
+        except asyncio.CancelledError:  # the server is stopping: the process is not reused
             self._gone(conn, restart=False)
             raise
         finally:
