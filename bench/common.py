@@ -19,7 +19,7 @@ from digitflow.precision import BF16_FLAGS, cpu_flags
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 # The classic tutorial's settings as params overrides: its model, 10 epochs, batch 128, constant
-# learning rate, 20% validation, no augmentation, no early stopping, float32.
+# learning rate, 20% validation, no augmentation, no early stopping, float32, one step per call.
 TUTORIAL = {
     "model.architecture": "seed_cnn",
     "model.augment_rotation": 0,
@@ -32,6 +32,7 @@ TUTORIAL = {
     "train.early_stopping_patience": 10,
     "preprocess.val_fraction": 0.2,
     "train.precision": "float32",
+    "train.steps_per_execution": 1,
 }
 PACKAGES = ("tensorflow-cpu", "keras", "prefect", "mlflow", "dvc", "great-expectations", "numpy")
 
