@@ -54,6 +54,19 @@ def test_digit_is_scaled_into_a_20_pixel_box_keeping_its_aspect() -> None:
     assert 1 <= cols[-1] - cols[0] + 1 <= 3
 
 
+@pytest.mark.parametrize("orientation,turns", [(6, 1), (3, 2), (8, 3)])
+def test_a_photo_stored_turned_is_read_upright_from_its_exif(digits, orientation, turns) -> None:
+    """Phones store photos as the sensor saw them and say in EXIF how to turn them."""
+    upright = 255 - digits[1]
+    stored = Image.fromarray(np.ascontiguousarray(np.rot90(upright, turns)))
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # EXIF Orientation
+    buffer = io.BytesIO()
+    stored.save(buffer, format="PNG", exif=exif.tobytes())
+    assert np.array_equal(prepare(buffer.getvalue()), prepare(encode_png(upright)))
+    assert not np.array_equal(prepare(encode_png(np.asarray(stored))), prepare(encode_png(upright)))
+
+
 def test_colour_and_transparent_images_work(digits) -> None:
     rgb = np.stack([255 - digits[0]] * 3, axis=-1)
     rgb[..., 2] = 255  # bluish paper, dark-blue ink
