@@ -174,17 +174,31 @@ def test_default_model_learns_on_a_slice_in_one_epoch(tmp_path, ingested: Paths)
 
 
 @pytest.mark.parametrize(
-    ("first_epoch_s", "epochs", "expected"),
-    [(31.4, 32, "about 17 min"), (2.0, 10, "about 20 s")],
+    ("first_epoch_s", "epochs", "warm_up_s", "expected"),
+    [
+        (31.4, 32, 0.0, "about 17 min"),
+        (2.0, 10, 0.0, "about 20 s"),
+        (29.9, 18, 6.0, "about 7 min"),  # the first epoch and 17 of 23.9 s
+        (10.0, 10, 8.0, "about 55 s"),  # a later epoch is taken as at least half the first
+    ],
 )
-def test_training_time_is_forecast_from_the_first_epoch(
-    first_epoch_s: float, epochs: int, expected: str
+def test_training_time_is_forecast_from_the_first_epoch_less_its_tracing(
+    first_epoch_s: float, epochs: int, warm_up_s: float, expected: str
 ) -> None:
     from digitflow.train import forecast
 
-    line = forecast(first_epoch_s, epochs)
+    line = forecast(first_epoch_s, epochs, warm_up_s)
     assert f"first epoch took {first_epoch_s:.1f} s" in line
     assert expected in line
+    assert ("tracing the model" in line) == (warm_up_s > 0)
+
+
+def test_the_warm_up_is_the_first_calls_excess_over_the_others() -> None:
+    from digitflow.train import warm_up_seconds
+
+    assert warm_up_seconds([0.0, 5.0, 6.0, 7.1, 8.0]) == pytest.approx(4.0)
+    assert warm_up_seconds([0.0, 1.0, 3.0, 5.0]) == 0.0  # no slower than the rest
+    assert warm_up_seconds([0.0, 5.0, 6.0]) == 0.0  # too few calls to tell
 
 
 @pytest.mark.parametrize(
