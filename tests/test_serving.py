@@ -308,6 +308,22 @@ def test_drawing_page_in_a_real_browser(server) -> None:
         assert "model version" in browser.find_element(By.ID, "status").text
         browser.find_element(By.ID, "clear").click()
         assert browser.find_element(By.ID, "digit").text == ""
+        # Draw and clear at once: the drawing's answer, still on its way, must not come back.
+        browser.execute_script(DRAW_THEN_CLEAR, pad)
+        time.sleep(2)
+        assert browser.find_element(By.ID, "digit").text == ""
+        assert browser.find_element(By.ID, "status").text == "Cleared. Draw again."
+
+
+DRAW_THEN_CLEAR = """
+const pad = arguments[0], box = pad.getBoundingClientRect();
+const at = y => ({clientX: box.left + box.width / 2, clientY: box.top + y * box.height,
+                  pointerId: 1, pointerType: "mouse", buttons: 1, bubbles: true});
+pad.dispatchEvent(new PointerEvent("pointerdown", at(0.2)));
+for (const y of [0.4, 0.6, 0.8]) pad.dispatchEvent(new PointerEvent("pointermove", at(y)));
+pad.dispatchEvent(new PointerEvent("pointerup", at(0.8)));
+document.getElementById("clear").click();
+"""
 
 
 # ---------------------------------------------------------------- what faces users must hold
