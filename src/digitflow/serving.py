@@ -460,17 +460,17 @@ def create_app(
     replacing = asyncio.Lock()
     access = access or FeedbackAccess(token=None, loopback=True, rate_limit="30/minute")
     rate, limiter = _rate_limiter(access.rate_limit)
-    heap = {"frozen_objects": 0}  # counted once, when the heap is settled
+    frozen_objects = 0  # counted once, when the heap is settled
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        nonlocal processes
+        nonlocal processes, frozen_objects
         holder.start()
         batcher.start()
         processes = await run_in_threadpool(decoding_processes, limits.decode_processes)
         if log is not None:
             log.start()
-        heap["frozen_objects"] = await run_in_threadpool(settle_heap)
+        frozen_objects = await run_in_threadpool(settle_heap)
         yield
         await batcher.stop()
         holder.stop()
@@ -507,7 +507,7 @@ def create_app(
             "model_process": served.process.status() if served.process else None,
             "prediction_log": log_health,
             "gc": {
-                "frozen_objects": heap["frozen_objects"],
+                "frozen_objects": frozen_objects,
                 "full_collections": gc.get_stats()[2]["collections"],
             },
         }
