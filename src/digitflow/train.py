@@ -100,7 +100,7 @@ class TimeForecast(keras.callbacks.Callback):
             self.call_ends.append(time.perf_counter())
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        if epoch == 0 and self.call_ends is not None:
+        if epoch == 0:  # the calls are recorded until then
             first_epoch_s = time.perf_counter() - self.started
             warm_up = warm_up_seconds([self.started, *self.call_ends])
             print(forecast(first_epoch_s, self.epochs, warm_up), flush=True)
