@@ -19,6 +19,7 @@ from digitflow.config import load_params, paths, set_environment_defaults
 set_environment_defaults()
 
 from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from digitflow import events, feedback, monitoring  # noqa: E402
 
@@ -30,7 +31,7 @@ CHECKS_ARTIFACT = "digitflow-drift-checks"
 FORCING = (monitoring.DRIFT, monitoring.LIVE_ACCURACY)
 
 
-@task(name="monitor")
+@task(name="monitor", cache_policy=NO_CACHE)
 def check_inputs(root: str) -> dict:
     """Drift checks and live accuracy; writes reports/monitoring/ and a monitoring MLflow run."""
     project = paths(Path(root))
@@ -41,7 +42,7 @@ def check_inputs(root: str) -> dict:
     return verdict.to_dict()
 
 
-@task(name="publish")
+@task(name="publish", cache_policy=NO_CACHE)
 def publish(root: str, verdict: dict) -> None:
     """The verdict as a Markdown summary and the checks as a table, in the Prefect UI."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -57,7 +58,7 @@ def publish(root: str, verdict: dict) -> None:
     )
 
 
-@task(name="start retraining")
+@task(name="start retraining", cache_policy=NO_CACHE)
 def start_retraining(root: str, reasons: list[str], deployment: str) -> str:
     """Create a run of the retraining deployment (it does not wait for it); returns its id."""
     from prefect.deployments import run_deployment

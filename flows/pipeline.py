@@ -18,12 +18,13 @@ from digitflow.config import load_params, paths, set_environment_defaults
 set_environment_defaults()
 
 from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402  (tasks write data/, dvc.lock, MLflow: never cached)
 
 from digitflow import feedback, inbox, locking, pipeline, stages  # noqa: E402
 from digitflow import ingest as ingestion  # noqa: E402
 
 
-@task(name="ingest", retries=2, retry_delay_seconds=5)
+@task(name="ingest", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
 def ingest_data(root: str, source: str | None) -> str | None:
     """Fetch and verify MNIST into data/, then record it with DVC; returns the data hash."""
     project = paths(Path(root))
@@ -34,7 +35,7 @@ def ingest_data(root: str, source: str | None) -> str | None:
     return outcome.recorded.data_hash if outcome.recorded else None
 
 
-@task(name="feedback")
+@task(name="feedback", cache_policy=NO_CACHE)
 def export_corrections(root: str) -> dict:
     """Write the corrections users sent since the last run as one inbox batch (suspicious ones
     are held back in quarantine for review)."""
@@ -49,7 +50,7 @@ def export_corrections(root: str) -> dict:
     return outcome.to_dict()
 
 
-@task(name="settle corrections")
+@task(name="settle corrections", cache_policy=NO_CACHE)
 def settle_corrections(root: str) -> dict[str, int]:
     """Mark exported corrections by what the inbox did with their batch."""
     project = paths(Path(root))
@@ -61,7 +62,7 @@ def settle_corrections(root: str) -> dict[str, int]:
     return moved
 
 
-@task(name="inbox")
+@task(name="inbox", cache_policy=NO_CACHE)
 def admit_batches(root: str) -> list[dict]:
     """Check every batch in the inbox: append good ones to data/ (a new DVC version), quarantine
     bad ones. Returns what happened to each."""
@@ -82,7 +83,7 @@ def admit_batches(root: str) -> list[dict]:
     return [admission.to_dict() for admission in admissions]
 
 
-@task(name="stage")
+@task(name="stage", cache_policy=NO_CACHE)
 def run_stage(root: str, stage: str, force: bool = False) -> bool:
     """Run one stage of dvc.yaml in this process if DVC says it changed, and record it in
     dvc.lock; returns whether it ran (False: up to date, skipped)."""
@@ -109,7 +110,7 @@ SUMMARY_ARTIFACT = "digitflow-run-summary"
 PER_CLASS_ARTIFACT = "digitflow-per-class-metrics"
 
 
-@task(name="publish")
+@task(name="publish", cache_policy=NO_CACHE)
 def publish_artifacts(root: str) -> None:
     """The run's summary (data version, accuracies, the decision with its p-value, links to the
     MLflow run and version) and per-class metrics, as artifacts in the Prefect UI."""

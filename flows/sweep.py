@@ -13,12 +13,13 @@ from digitflow.config import load_params, paths, set_environment_defaults
 set_environment_defaults()
 
 from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect_dask import DaskTaskRunner  # noqa: E402
 
 from digitflow import locking, pipeline, sweep  # noqa: E402
 
 
-@task(name="trial")
+@task(name="trial", cache_policy=NO_CACHE)
 def trial(root: str, parent_run_id: str, index: int, overrides: dict, threads: int) -> dict:
     """Train and log one trial (in a Dask worker)."""
     return sweep.run_trial(root, parent_run_id, index, overrides, threads).to_dict()

@@ -269,11 +269,16 @@ def _format_errors(error: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def read_yaml(text: str) -> object:
+    """Parse YAML safely, with libyaml's C parser when PyYAML has it (ten times faster)."""
+    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
 def load_params(path: Path | None = None) -> Params:
     """Read and validate params.yaml; raise ConfigError naming each bad key."""
     path = path or paths().params
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = read_yaml(path.read_text())
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: file not found") from exc
     except yaml.YAMLError as exc:

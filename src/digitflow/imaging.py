@@ -4,6 +4,9 @@ MNIST's recipe: grey levels, the digit scaled to fit a 20x20 box keeping its asp
 (anti-aliased), then placed in a 28x28 field so that its centre of mass sits at the centre.
 Photos and scans of paper (dark ink on a light background) are inverted first, so ink is
 bright on black as in MNIST.
+
+Pillow is imported inside the functions that use it: it takes 0.1 s to import, and a pipeline
+run with no new images never needs it.
 """
 
 from __future__ import annotations
@@ -12,12 +15,15 @@ import io
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import ImagingParams
 from .errors import DigitflowError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 MNIST_SIDE = 28
 DIGIT_BOX = 20
@@ -56,6 +62,8 @@ def ink_settings(imaging: ImagingParams) -> InkSettings:
 def _open(data: bytes) -> Image.Image:
     """Open (header only) an image of one of FORMATS. Pillow's warning for sizes between its
     limit and twice that is silenced: decode() refuses those itself, with a clear message."""
+    from PIL import Image
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         return Image.open(io.BytesIO(data), formats=FORMATS)
@@ -77,6 +85,8 @@ def decode(data: bytes, settings: InkSettings = InkSettings()) -> np.ndarray:
     Whatever Pillow or NumPy raises becomes an ImageError naming the problem. The size is
     checked from the header before decoding (Pillow's own bomb check uses the same limit), and
     images are scaled down to `working_side` before any float copy is made."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
     if not data:
         raise ImageError("empty file: no image data")
     Image.MAX_IMAGE_PIXELS = settings.max_pixels  # Pillow refuses twice this in Image.open
@@ -116,6 +126,8 @@ def ink_map(image: Image.Image) -> np.ndarray:
     A mostly transparent image (a drawing on a transparent canvas) has its ink in the alpha
     channel; any other image with transparency is laid on white paper first, so a photo with a
     transparent corner reads like the photo."""
+    from PIL import Image
+
     has_alpha = image.mode in ("RGBA", "LA", "PA")
     if has_alpha or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
@@ -174,6 +186,8 @@ def crop_to_ink(ink: np.ndarray, threshold: float) -> np.ndarray:
 
 def fit_box(digit: np.ndarray, box: int = DIGIT_BOX) -> np.ndarray:
     """Scale so the longer side is `box` pixels, keeping the aspect ratio (anti-aliased)."""
+    from PIL import Image
+
     height, width = digit.shape
     factor = box / max(height, width)
     size = (max(1, round(width * factor)), max(1, round(height * factor)))
@@ -210,6 +224,8 @@ def prepare(data: bytes, settings: InkSettings = InkSettings()) -> np.ndarray:
 
 def prepare_array(pixels: np.ndarray, settings: InkSettings = InkSettings()) -> np.ndarray:
     """A grey (h, w) or colour (h, w, 3|4) uint8 array -> float32 (28, 28) in [0, 1]."""
+    from PIL import Image
+
     array = np.asarray(pixels)
     if array.ndim not in (2, 3) or min(array.shape[:2]) < 1:
         raise ImageError(f"expected a (height, width[, channels]) array, got shape {array.shape}")
@@ -222,6 +238,8 @@ def prepare_array(pixels: np.ndarray, settings: InkSettings = InkSettings()) -> 
 
 def encode_png(pixels: np.ndarray) -> bytes:
     """uint8 grey or colour pixels -> PNG bytes (for tests, the page and benchmarks)."""
+    from PIL import Image
+
     buffer = io.BytesIO()
     Image.fromarray(np.asarray(pixels, dtype=np.uint8)).save(buffer, format="PNG")
     return buffer.getvalue()

@@ -23,9 +23,9 @@ import time
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from .config import Params, Paths
 from .dataset import Split, image_frame, load_raw, pixel_hashes, stored_batches
@@ -33,6 +33,9 @@ from .idx import IdxError, parse_idx, read_idx
 from .imaging import IMAGE_SUFFIXES, ImageError, ink_settings, prepare, prepare_array
 from .validation import LABELS, Outcome, run_suites
 from .versioning import Recorded, record_with_dvc
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 MANIFEST_COLUMNS = [
     "batch_id",
@@ -319,6 +322,8 @@ def stored_records(paths: Paths) -> list[dict]:
 
 def write_manifest(paths: Paths) -> pd.DataFrame:
     """Rebuild data/batches/manifest.csv from the stored batches (each carries its own record)."""
+    import pandas as pd  # here, not at the top: a run with nothing new never needs it (0.45 s)
+
     manifest = pd.DataFrame(stored_records(paths), columns=MANIFEST_COLUMNS)
     temporary = paths.manifest.with_suffix(".csv.tmp")
     manifest.to_csv(temporary, index=False)

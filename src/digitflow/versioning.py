@@ -8,16 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .config import Paths
+from .config import Paths, read_yaml
 
 
 def data_hash(paths: Paths) -> str | None:
     """The md5 that data.dvc records for data/, or None when data.dvc is missing."""
     if not paths.data_dvc.is_file():
         return None
-    content = yaml.safe_load(paths.data_dvc.read_text()) or {}
+    content = read_yaml(paths.data_dvc.read_text()) or {}
     outs = content.get("outs") or [{}]
     return outs[0].get("md5")
 
