@@ -17,8 +17,10 @@ from digitflow.config import load_params, paths, set_environment_defaults
 
 set_environment_defaults()
 
+# NO_CACHE: the tasks write data/, dvc.lock and MLflow, so they are never cached (nor their
+# inputs hashed to try).
 from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402  (tasks write data/, dvc.lock, MLflow: never cached)
+from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from digitflow import feedback, inbox, locking, pipeline, stages  # noqa: E402
 from digitflow import ingest as ingestion  # noqa: E402

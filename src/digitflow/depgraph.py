@@ -121,14 +121,12 @@ def write(dvc_file: Path) -> None:
 
 def main(argv: list[str]) -> int:
     """Check (default) or --write dvc.yaml next to the current folder's params.yaml."""
-    import yaml
-
-    from .config import paths
+    from .config import paths, read_yaml
 
     dvc_file = paths().root / "dvc.yaml"
     if "--write" in argv:
         write(dvc_file)
-    problems = differences(yaml.safe_load(dvc_file.read_text()))
+    problems = differences(read_yaml(dvc_file.read_text()))
     for name, (missing, extra) in problems.items():
         print(f"{name}: missing {missing or '-'}; not imported {extra or '-'}")
     if problems:
