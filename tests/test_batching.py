@@ -216,3 +216,52 @@ def test_model_threads_leave_each_worker_a_core_for_its_python(monkeypatch) -> N
     assert model_threads(3, 1) == 3  # a setting is taken as it is
     monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1})
     assert model_threads(0, 1) == 1
+
+
+def test_call_parts_use_the_cores_the_model_threads_leave(monkeypatch) -> None:
+    import os
+
+    from digitflow.inference import Split
+    from digitflow.serving import call_parts, model_split
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1})
+    assert call_parts(1, 1) == 2  # 2 cores, 1 TensorFlow thread: two parts at once
+    assert call_parts(2, 1) == 1 and call_parts(1, 2) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(8)))
+    assert [call_parts(7, 1), call_parts(1, 4), call_parts(3, 2)] == [1, 2, 1]
+    monkeypatch.setenv("TF_NUM_INTEROP_THREADS", "3")  # the user's setting is the one used
+    assert model_split(32) == Split(3, 32)
+
+
+def test_a_large_call_is_cut_into_parts_computed_at_once_with_the_same_rows() -> None:
+    from digitflow.inference import Split, SplitForward
+
+    calls: list[tuple[int, str]] = []
+    both_running = threading.Barrier(2, timeout=5)  # passes only if two parts run at once
+
+    def forward(images: np.ndarray) -> np.ndarray:
+        calls.append((len(images), threading.current_thread().name))
+        if len(images) == 32:
+            both_running.wait()
+        return row_sums(images)
+
+    idle = [True]
+    cut = SplitForward(forward, Split(2, 32), idle=lambda: idle[0])
+    images = np.random.default_rng(0).random((64, 28, 28, 1), dtype=np.float32)
+    np.testing.assert_array_equal(cut(images), row_sums(images))
+    assert sorted(size for size, _ in calls) == [32, 32]
+    assert len({thread for _, thread in calls}) == 2
+    calls.clear()
+    cut(images[:31])  # under min_images: one call
+    idle[0] = False
+    cut(images)  # other calls wait for the model: one call
+    assert [size for size, _ in calls] == [31, 64]
+
+
+def test_no_split_makes_one_call_whatever_the_size() -> None:
+    from digitflow.inference import NO_SPLIT, SplitForward
+
+    sizes: list[int] = []
+    whole = SplitForward(lambda images: sizes.append(len(images)) or row_sums(images), NO_SPLIT)
+    whole(np.zeros((256, 28, 28, 1), dtype=np.float32))
+    assert sizes == [256]

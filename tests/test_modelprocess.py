@@ -67,6 +67,28 @@ def test_the_model_process_answers_as_the_server_would(served) -> None:
     assert there[2].errors[0]  # named, per file
 
 
+def test_calls_cut_in_parts_give_the_same_probabilities_here_and_there(champion) -> None:
+    """serve.split_images: a call of 4 images (the pixel budget here), cut in two halves
+    computed at once, in the model process and in the server's own copy, against the server's
+    copy in one call."""
+    from digitflow.inference import Split
+
+    params = load_params(champion.params)
+    tracking.configure(champion, params)
+    uri = f"models:/{params.mlflow.registered_model}/1"
+    cut = loaded(uri, "1", ink_settings(params.imaging), MAX_PIXELS, split=Split(2, 4))
+    try:
+        parts = [_digits(4)]
+        there = _in_process(cut, parts)[0]
+        inputs = there.inputs
+        whole = cut.scorer.probabilities(inputs)
+        assert cut.forward.split == Split(2, 4)
+        np.testing.assert_allclose(cut.forward(inputs), whole, atol=1e-6)
+        np.testing.assert_allclose(there.probabilities, whole, atol=1e-6)
+    finally:
+        cut.close()
+
+
 def test_a_request_over_the_pixel_budget_gets_its_413_across_the_pipe(served) -> None:
     large = encode_png(np.zeros((28 * 3, 28 * 3), dtype=np.uint8))  # 7,056 pixels > 3,136
     answers = _in_process(served, [[large], _digits(1)])

@@ -136,6 +136,7 @@ class ServeParams(_Strict):
     workers: int = Field(ge=1)
     model_process: bool
     model_threads: int = Field(ge=0)
+    split_images: int = Field(ge=0)
     max_connections: int = Field(ge=1)
     keep_alive_s: float = Field(gt=0)
     read_timeout_s: float = Field(gt=0)

@@ -63,6 +63,47 @@ def compiled(keras_model) -> Callable[[np.ndarray], np.ndarray]:
     return _COMPILED[keras_model]
 
 
+@dataclass(frozen=True)
+class Split:
+    """How the server makes a large model call: a call of at least `min_images` images is cut
+    into `parts` that are computed at once (1 part, or `min_images` 0: never cut)."""
+
+    parts: int = 1
+    min_images: int = 0
+
+
+NO_SPLIT = Split()
+
+
+class SplitForward:
+    """A forward pass that cuts a large call into `split.parts` computed at once, each in its own
+    thread, while `idle()` says nothing else waits for the model (under load, other calls keep
+    the cores busy and the cut would only add work). TensorFlow runs concurrent calls of the
+    graph on its inter-op threads, while one call of this small network keeps about one core
+    busy whatever its intra-op threads: on 2 AMD EPYC cores (1 intra-op, 2 inter-op threads) 64
+    images took 4.3-5.7 ms in two halves against 6.3-8.3 ms in one call. Rows are computed
+    independently: the probabilities are the same."""
+
+    def __init__(
+        self,
+        forward: Callable[[np.ndarray], np.ndarray],
+        split: Split,
+        idle: Callable[[], bool] = lambda: True,
+    ) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.forward, self.split, self.idle = forward, split, idle
+        cuts = split.parts > 1 and split.min_images > 0
+        self._helpers = ThreadPoolExecutor(split.parts - 1, "split-call") if cuts else None
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        if self._helpers is None or len(images) < self.split.min_images or not self.idle():
+            return self.forward(images)
+        first, *rest = np.array_split(images, self.split.parts)
+        others = [self._helpers.submit(self.forward, part) for part in rest]
+        return np.concatenate([self.forward(first), *(other.result() for other in others)])
+
+
 def probabilities_of(keras_model, images: np.ndarray, chunk: int = 256) -> np.ndarray:
     """Class probabilities of (n, 28, 28, 1) inputs, `chunk` images per call of the compiled
     forward pass."""

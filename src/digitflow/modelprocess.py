@@ -32,6 +32,7 @@ import anyio
 import numpy as np
 from fastapi import HTTPException
 
+from . import inference
 from .batching import Answer, Pending, compute_batch
 from .imaging import InkSettings, pixel_count, prepare_batch
 
@@ -91,13 +92,16 @@ def _picklable(answer: Answer | BaseException) -> Answer | BaseException:
 
 
 def _serve_calls(
-    conn: Connection, uri: str, ink: InkSettings, store: tuple[str, str], max_pixels: int
+    conn: Connection,
+    uri: str,
+    ink: InkSettings,
+    store: tuple[str, str],
+    max_pixels: int,
+    split: inference.Split,
 ) -> None:
     """The model process: load the model, say so, then answer calls until told to stop (None)
     or until the server's end of the pipe closes."""
     import mlflow
-
-    from . import inference
 
     try:
         mlflow.set_tracking_uri(store[0])
@@ -110,11 +114,12 @@ def _serve_calls(
     gc.collect()
     gc.freeze()  # the model's objects live as long as the process: out of the collector's sight
     prepare_files = partial(prepare_within_budget, ink=scorer.ink, max_pixels=max_pixels)
-    conn.send(("ready", ""))
     calls: queue.SimpleQueue[Work | None] = queue.SimpleQueue()
+    forward = inference.SplitForward(scorer.probabilities, split, idle=calls.empty)
+    conn.send(("ready", ""))
     threading.Thread(target=_receive_calls, args=(conn, calls), name="calls", daemon=True).start()
     while (work := calls.get()) is not None:
-        conn.send(_answers(scorer.probabilities, prepare_files, work))
+        conn.send(_answers(forward, prepare_files, work))
 
 
 def _receive_calls(conn: Connection, calls: queue.SimpleQueue) -> None:
@@ -131,14 +136,14 @@ def _receive_calls(conn: Connection, calls: queue.SimpleQueue) -> None:
 
 
 def _start(
-    uri: str, ink: InkSettings, store: tuple[str, str], max_pixels: int
+    uri: str, ink: InkSettings, store: tuple[str, str], max_pixels: int, split: inference.Split
 ) -> tuple[multiprocessing.process.BaseProcess, Connection]:
     """Start a model process loading the model; it and the server's end of its pipe."""
     context = multiprocessing.get_context("spawn")
     here, there = context.Pipe()
     process = context.Process(
         target=_serve_calls,
-        args=(there, uri, ink, store, max_pixels),
+        args=(there, uri, ink, store, max_pixels, split),
         name="digitflow-model",
         daemon=True,
     )
@@ -164,10 +169,10 @@ def _wait_ready(process: multiprocessing.process.BaseProcess, conn: Connection, 
 
 
 def _spawn(
-    uri: str, ink: InkSettings, store: tuple[str, str], max_pixels: int
+    uri: str, ink: InkSettings, store: tuple[str, str], max_pixels: int, split: inference.Split
 ) -> tuple[multiprocessing.process.BaseProcess, Connection]:
     """A model process that has loaded the model, and the server's end of its pipe."""
-    process, conn = _start(uri, ink, store, max_pixels)
+    process, conn = _start(uri, ink, store, max_pixels, split)
     _wait_ready(process, conn, uri)
     return process, conn
 
@@ -177,12 +182,18 @@ class ModelProcess:
     be sent while the one before is computing (the batcher's `calls_in_flight`). The process
     starts loading the model at once; `wait_ready` before the first call."""
 
-    def __init__(self, uri: str, ink: InkSettings, max_pixels: int) -> None:
+    def __init__(
+        self,
+        uri: str,
+        ink: InkSettings,
+        max_pixels: int,
+        split: inference.Split = inference.NO_SPLIT,
+    ) -> None:
         import mlflow
 
-        self.uri, self.ink, self.max_pixels = uri, ink, max_pixels
+        self.uri, self.ink, self.max_pixels, self.split = uri, ink, max_pixels, split
         self._store = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())  # the model's
-        self._process, self._conn = _start(uri, ink, self._store, max_pixels)
+        self._process, self._conn = _start(uri, ink, self._store, max_pixels, split)
         self._lock = threading.Lock()  # the pipe's state, shared with close() from other threads
         self._in_flight, self._closed = 0, False
         self._replies: deque[asyncio.Future] = deque()  # calls sent, oldest first (event loop)
@@ -289,7 +300,7 @@ class ModelProcess:
 
     def _restart(self) -> None:
         try:
-            process, conn = _spawn(self.uri, self.ink, self._store, self.max_pixels)
+            process, conn = _spawn(self.uri, self.ink, self._store, self.max_pixels, self.split)
         except Exception as exc:  # keep answering in the server
             print(f"could not start a new model process: {exc}", flush=True)
             return

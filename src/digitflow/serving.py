@@ -15,14 +15,12 @@ import gc
 import hmac
 import ipaddress
 import json
-import multiprocessing
 import os
 import sys
 import threading
 import time
 from asyncio import Future
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -41,11 +39,11 @@ from starlette.concurrency import run_in_threadpool
 from . import inference, predictionlog
 from .batching import Answer, Batcher, Prepare
 from .config import ServeParams
+from .decoding import DecodingProcesses
 from .imaging import InkSettings, prepare_batch
 from .modelprocess import (
     ModelProcess,
     prepare_within_budget,
-    running_package_first,
     within_pixel_budget,
 )
 from .predictionlog import CorrectionSettled, LogWriter, UnknownPrediction
@@ -63,6 +61,7 @@ class Served:
     version: str
     loaded_at: float
     scorer: inference.Scorer
+    forward: inference.SplitForward  # the scorer's forward pass, large calls cut in parts
     process: ModelProcess | None = None  # where its calls are made, when not in this process
 
     def close(self) -> None:
@@ -72,11 +71,18 @@ class Served:
 
 
 def loaded(
-    uri: str, version: str, ink: InkSettings, own_process_pixels: int | None = None
+    uri: str,
+    version: str,
+    ink: InkSettings,
+    own_process_pixels: int | None = None,
+    split: inference.Split = inference.NO_SPLIT,
 ) -> Served:
     """Load a model for serving; with `own_process_pixels` (a request's pixel budget), its calls
-    are made in a model process of its own (modelprocess), which loads it at the same time."""
-    process = None if own_process_pixels is None else ModelProcess(uri, ink, own_process_pixels)
+    are made in a model process of its own (modelprocess), which loads it at the same time.
+    Calls of many images are cut as `split` says (inference.SplitForward)."""
+    process = (
+        None if own_process_pixels is None else ModelProcess(uri, ink, own_process_pixels, split)
+    )
     try:
         model = inference.load(uri)
         scorer = inference.Scorer.of(model, uri, ink)
@@ -87,7 +93,8 @@ def loaded(
         if process is not None:
             process.close()
         raise
-    return Served(model, uri, version, time.time(), scorer, process)
+    forward = inference.SplitForward(scorer.probabilities, split)
+    return Served(model, uri, version, time.time(), scorer, forward, process)
 
 
 class ChampionHolder:
@@ -100,9 +107,10 @@ class ChampionHolder:
         interval_s: float,
         ink: InkSettings,
         own_process_pixels: int | None = None,
+        split: inference.Split = inference.NO_SPLIT,
     ) -> None:
         self.name, self.alias, self.interval_s, self.ink = name, alias, interval_s, ink
-        self.own_process_pixels = own_process_pixels
+        self.own_process_pixels, self.split = own_process_pixels, split
         self._served: Served | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -127,7 +135,7 @@ class ChampionHolder:
         if self._served is not None and self._served.version == version:
             return False
         uri = f"models:/{self.name}/{version}"
-        served = loaded(uri, version, self.ink, self.own_process_pixels)
+        served = loaded(uri, version, self.ink, self.own_process_pixels, self.split)
         with self._lock:
             replaced, self._served = self._served, served
         if replaced is not None:
@@ -156,8 +164,14 @@ class ChampionHolder:
 class FixedModel:
     """A model given by URI (--model-uri): loaded once, never swapped."""
 
-    def __init__(self, uri: str, ink: InkSettings, own_process_pixels: int | None = None) -> None:
-        self.served = loaded(uri, uri, ink, own_process_pixels)
+    def __init__(
+        self,
+        uri: str,
+        ink: InkSettings,
+        own_process_pixels: int | None = None,
+        split: inference.Split = inference.NO_SPLIT,
+    ) -> None:
+        self.served = loaded(uri, uri, ink, own_process_pixels, split)
         self.name, self.alias, self.last_error = uri, "", ""
 
     def start(self) -> None: ...
@@ -176,23 +190,31 @@ def model_threads(setting: int, workers: int) -> int:
     return max(1, len(os.sched_getaffinity(0)) // workers - 1)
 
 
-def use_model_threads(count: int) -> None:
+def call_parts(threads: int, workers: int) -> int:
+    """Parts a large model call is cut into (inference.SplitForward): one per `threads` of the
+    cores each worker has, at least 1. On 2 cores with 1 worker and 1 thread, that is 2."""
+    return max(1, len(os.sched_getaffinity(0)) // workers // threads)
+
+
+def use_model_threads(count: int, parts: int = 1) -> None:
     """Before TensorFlow starts: its thread pools for this process and the worker processes it
-    starts (the environment, unless the user set it there)."""
+    starts, `count` intra-op threads and one inter-op thread per part of a cut call (the
+    environment, unless the user set it there)."""
     os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(count))
-    os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
+    os.environ.setdefault("TF_NUM_INTEROP_THREADS", str(parts))
 
 
-def decoding_processes(count: int) -> ProcessPoolExecutor | None:
+def model_split(min_images: int) -> inference.Split:
+    """How this process cuts large model calls: one part per TensorFlow inter-op thread (as
+    use_model_threads set them, or the user), for calls of at least `min_images` images."""
+    parts = int(os.environ.get("TF_NUM_INTEROP_THREADS", "1") or 1)
+    return inference.Split(max(1, parts), min_images)
+
+
+def decoding_processes(count: int) -> DecodingProcesses | None:
     """`count` processes that decode and prepare images (None for 0), started before the first
-    request. They are spawned: they import only the imaging code, not TensorFlow."""
-    if count == 0:
-        return None
-    with running_package_first():
-        pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn"))
-        for started in [pool.submit(prepare_batch, [], InkSettings()) for _ in range(count)]:
-            started.result()
-    return pool
+    request (decoding)."""
+    return DecodingProcesses(count) if count else None
 
 
 def settle_heap() -> int:
@@ -456,7 +478,7 @@ def create_app(
     batcher = Batcher(
         limits.batch_max_images, limits.batch_wait_ms / 1000, limits.batch_calls_in_flight
     )
-    processes: ProcessPoolExecutor | None = None
+    processes: DecodingProcesses | None = None
     replacing = asyncio.Lock()
     access = access or FeedbackAccess(token=None, loopback=True, rate_limit="30/minute")
     rate, limiter = _rate_limiter(access.rate_limit)
@@ -475,7 +497,7 @@ def create_app(
         await batcher.stop()
         holder.stop()
         if processes is not None:
-            processes.shutdown(cancel_futures=True)
+            processes.close()
         if log is not None:
             await run_in_threadpool(log.stop)
 
@@ -524,41 +546,32 @@ def create_app(
         rest of its model call (in the model process, or the batcher's thread without one);
         several are split across the decoding processes first (Python's lock would serialise
         threads)."""
-        ink, forward, runner = served.scorer.ink, served.scorer.probabilities, served.process
+        ink, forward, runner = served.scorer.ink, served.forward, served.process
         encoded = [data for _, data in items]
         if processes is None or len(items) == 1:
             return batcher.submit(
                 forward, files=encoded, prepare=prepare_single(ink), runner=runner
             )
         images = await anyio.to_thread.run_sync(checked, encoded)
-        loop = asyncio.get_running_loop()
-        share = -(-len(images) // limits.decode_processes)
-        pool = processes
+        decoders = processes
         try:
-            parts = await asyncio.gather(
-                *(
-                    loop.run_in_executor(pool, prepare_batch, images[start : start + share], ink)
-                    for start in range(0, len(images), share)
-                )
-            )
+            inputs, errors = await decoders.prepare(images, ink)
         except BrokenProcessPool:  # a decoding process died (killed, out of memory)
-            await replace_decoding_processes(pool)
+            await replace_decoding_processes(decoders)
             return batcher.submit(
                 forward, files=images, prepare=partial(prepare_batch, ink=ink), runner=runner
             )
-        errors = [error for _, part in parts for error in part]
         if any(errors):
-            return _settled(Answer(np.concatenate([b for b, _ in parts]), errors, None))
-        inputs = np.concatenate([batch for batch, _ in parts])
+            return _settled(Answer(inputs, errors, None))
         return batcher.submit(forward, images=inputs, runner=runner)
 
-    async def replace_decoding_processes(broken: ProcessPoolExecutor) -> None:
-        """Start a new pool in place of a broken one (once, however many requests saw it)."""
+    async def replace_decoding_processes(broken: DecodingProcesses) -> None:
+        """Start new processes in place of a broken set (once, however many requests saw it)."""
         nonlocal processes
         async with replacing:
             if processes is broken:
                 print("a decoding process died: starting new ones", flush=True)
-                processes.shutdown(wait=False, cancel_futures=True)
+                processes.close()
                 processes = await run_in_threadpool(decoding_processes, limits.decode_processes)
 
     def logged_ids(

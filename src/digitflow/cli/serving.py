@@ -172,7 +172,7 @@ def serve(
     """HTTP API (POST /predict, POST /feedback, GET /health, /docs) and a drawing page at / for
     the champion; every answer is logged for corrections. Concurrent requests share model calls
     (serve.batch_wait_ms, serve.batch_max_images)."""
-    from ..serving import model_threads, serve_workers, use_model_threads
+    from ..serving import call_parts, model_threads, serve_workers, use_model_threads
     from ..serving import serve as run_server
 
     project, params = configured(root)
@@ -181,7 +181,8 @@ def serve(
     settings = params.serve
     bind_host, bind_port = host or settings.host, port or settings.port
     process_count = workers or settings.workers
-    use_model_threads(model_threads(settings.model_threads, process_count))
+    threads = model_threads(settings.model_threads, process_count)
+    use_model_threads(threads, call_parts(threads, process_count))
     if process_count > 1:
         # fail here, clearly, before the workers start (each starts its own model process)
         _load_model(project, _with_model_process(params, False), model_uri)
@@ -217,21 +218,23 @@ def _with_model_process(params: Params, model_process: bool) -> Params:
 def _load_model(project, params: Params, model_uri: str | None):
     """The model holder: the given URI, fixed, or the champion, reloaded when its alias moves."""
     from ..imaging import ink_settings
-    from ..serving import ChampionHolder, FixedModel
+    from ..serving import ChampionHolder, FixedModel, model_split
 
     settings = params.serve
     ink = ink_settings(params.imaging)
     own_process_pixels = settings.max_request_pixels if settings.model_process else None
+    split = model_split(settings.split_images)
     try:
         with reported(), guarded(project):
             if model_uri:
-                return FixedModel(model_uri, ink, own_process_pixels)
+                return FixedModel(model_uri, ink, own_process_pixels, split)
             holder = ChampionHolder(
                 params.mlflow.registered_model,
                 "champion",
                 settings.reload_interval_s,
                 ink,
                 own_process_pixels,
+                split,
             )
             holder.refresh()
             return holder
