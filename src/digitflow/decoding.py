@@ -3,9 +3,9 @@
 Python's lock would serialise decoding threads, so a request's images are cut into one share per
 process. Each process has a pipe of its own, and the event loop reads a reply as soon as it is
 there (as for the model process, modelprocess). With ProcessPoolExecutor the same shares went
-through its queues and manager thread: two 32-image shares took 9.2 ms from send to reply
-against 5.8-6.0 ms over pipes, while the shares themselves took 5-6 ms to prepare (AMD EPYC,
-2 cores, 100 requests each).
+through its queues and manager thread: two 32-image shares took 8.2-11.0 ms from send to
+reply against 5.8-6.0 ms over pipes, while the shares themselves took 5-6 ms to prepare (AMD
+EPYC, 2 cores, medians of 100 requests; docs/benchmarks.md has every round).
 
 They are spawned, and import only the imaging code (not TensorFlow).
 """
