@@ -64,3 +64,38 @@ def test_a_killed_process_is_a_broken_pool_not_a_hang(decoders) -> None:
     with pytest.raises(BrokenProcessPool, match="decoding process died"):
         asyncio.run(after())
     assert decoders.broken
+
+
+def test_sending_a_share_never_waits_for_a_busy_process() -> None:
+    """The event loop sends the shares: while the only process prepares a large request, a second
+    request's share (far over a pipe's buffer) must not hold the loop until it is free."""
+    rng = np.random.default_rng(0)
+    pages = [encode_png(rng.integers(0, 256, (1000, 1000), dtype=np.uint8)) for _ in range(48)]
+    processes = DecodingProcesses(1)
+
+    async def scenario() -> tuple[float, float]:
+        gaps: list[float] = []
+
+        async def ticker() -> None:
+            last = time.perf_counter()
+            while True:
+                await asyncio.sleep(0.01)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        ticking = asyncio.create_task(ticker())
+        started = time.perf_counter()
+        first = asyncio.create_task(processes.prepare(pages, InkSettings()))
+        await asyncio.sleep(0.05)  # the process is busy with the first request
+        await processes.prepare(pages[:4], InkSettings())
+        await first
+        ticking.cancel()
+        return max(gaps), time.perf_counter() - started
+
+    try:
+        longest_gap, elapsed = asyncio.run(scenario())
+    finally:
+        processes.close()
+    assert elapsed > 0.5, "the first request was too quick to keep the process busy"
+    assert longest_gap < elapsed / 3, (longest_gap, elapsed)

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import multiprocessing
 import os
+import queue
 import threading
 from collections import deque
 from collections.abc import Sequence
@@ -34,20 +35,31 @@ JOIN_TIMEOUT_S = 5
 
 def _prepare_shares(conn: Connection) -> None:
     """A decoding process: prepare each share sent (images, ink) until None or the pipe
-    closes; reply ("ok", prepared) or ("error", the exception)."""
-    while True:
-        try:
-            work = conn.recv()
-        except (EOFError, OSError):
-            return
-        if work is None:
-            return
+    closes; reply ("ok", prepared) or ("error", the exception). Shares are read off the pipe
+    as they come, by a thread of their own, so that the server's sends never wait for the
+    share being prepared (the event loop sends them)."""
+    shares: queue.SimpleQueue = queue.SimpleQueue()
+    threading.Thread(target=_receive, args=(conn, shares), name="shares", daemon=True).start()
+    while (work := shares.get()) is not None:
         images, ink = work
         try:
             reply: tuple[str, object] = ("ok", prepare_batch(images, ink))
         except Exception as exc:  # not an ImageError (prepare_batch keeps those per image)
             reply = ("error", RuntimeError(f"{exc.__class__.__name__}: {exc}"))
         conn.send(reply)
+
+
+def _receive(conn: Connection, shares: queue.SimpleQueue) -> None:
+    """In a decoding process: each share as it arrives, then None when told to stop or when
+    the pipe closes."""
+    while True:
+        try:
+            work = conn.recv()
+        except (EOFError, OSError):
+            work = None
+        shares.put(work)
+        if work is None:
+            return
 
 
 @dataclass
