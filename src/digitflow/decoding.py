@@ -33,13 +33,31 @@ Prepared = tuple[np.ndarray, list[str]]
 JOIN_TIMEOUT_S = 5
 
 
+def received(conn: Connection, name: str) -> queue.SimpleQueue:
+    """In a spawned worker (a decoding process, the model process): what the server sends down
+    `conn`, read off the pipe as it comes by a thread of its own, so that the server's sends
+    (made on its event loop) never wait for the work in hand; None last, when told to stop or
+    when the pipe closes."""
+    arrived: queue.SimpleQueue = queue.SimpleQueue()
+
+    def receive() -> None:
+        while True:
+            try:
+                work = conn.recv()
+            except (EOFError, OSError):
+                work = None
+            arrived.put(work)
+            if work is None:
+                return
+
+    threading.Thread(target=receive, name=name, daemon=True).start()
+    return arrived
+
+
 def _prepare_shares(conn: Connection) -> None:
     """A decoding process: prepare each share sent (images, ink) until None or the pipe
-    closes; reply ("ok", prepared) or ("error", the exception). Shares are read off the pipe
-    as they come, by a thread of their own, so that the server's sends never wait for the
-    share being prepared (the event loop sends them)."""
-    shares: queue.SimpleQueue = queue.SimpleQueue()
-    threading.Thread(target=_receive, args=(conn, shares), name="shares", daemon=True).start()
+    closes; reply ("ok", prepared) or ("error", the exception)."""
+    shares = received(conn, "shares")
     while (work := shares.get()) is not None:
         images, ink = work
         try:
@@ -47,19 +65,6 @@ def _prepare_shares(conn: Connection) -> None:
         except Exception as exc:  # not an ImageError (prepare_batch keeps those per image)
             reply = ("error", RuntimeError(f"{exc.__class__.__name__}: {exc}"))
         conn.send(reply)
-
-
-def _receive(conn: Connection, shares: queue.SimpleQueue) -> None:
-    """In a decoding process: each share as it arrives, then None when told to stop or when
-    the pipe closes."""
-    while True:
-        try:
-            work = conn.recv()
-        except (EOFError, OSError):
-            work = None
-        shares.put(work)
-        if work is None:
-            return
 
 
 @dataclass

@@ -19,7 +19,6 @@ import gc
 import multiprocessing
 import os
 import pickle
-import queue
 import sys
 import threading
 from collections import deque
@@ -34,6 +33,7 @@ from fastapi import HTTPException
 
 from . import inference
 from .batching import Answer, Pending, compute_batch
+from .decoding import received
 from .imaging import InkSettings, pixel_count, prepare_batch
 
 Work = list[tuple[np.ndarray | None, list[bytes] | None]]
@@ -114,25 +114,11 @@ def _serve_calls(
     gc.collect()
     gc.freeze()  # the model's objects live as long as the process: out of the collector's sight
     prepare_files = partial(prepare_within_budget, ink=scorer.ink, max_pixels=max_pixels)
-    calls: queue.SimpleQueue[Work | None] = queue.SimpleQueue()
+    calls = received(conn, "calls")  # calls read off the pipe as they come
     forward = inference.SplitForward(scorer.probabilities, split, idle=calls.empty)
     conn.send(("ready", ""))
-    threading.Thread(target=_receive_calls, args=(conn, calls), name="calls", daemon=True).start()
     while (work := calls.get()) is not None:
         conn.send(_answers(forward, prepare_files, work))
-
-
-def _receive_calls(conn: Connection, calls: queue.SimpleQueue) -> None:
-    """In the model process: read calls off the pipe as they come (so that the server's sends
-    never wait for the model), then None when told to stop or when the pipe closes."""
-    while True:
-        try:
-            work = conn.recv()
-        except (EOFError, OSError):
-            work = None
-        calls.put(work)
-        if work is None:
-            return
 
 
 def _start(
