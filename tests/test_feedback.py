@@ -136,6 +136,13 @@ def _logged(index: int, digit: int = 3, probability: float = 0.9, days_old: floa
     )
 
 
+def test_prediction_ids_are_unique_and_grow_in_the_order_they_were_made() -> None:
+    ids = [plog.new_id() for _ in range(5000)]
+    assert all(len(found) == 32 and int(found, 16) >= 0 for found in ids)
+    assert len(set(ids)) == len(ids)
+    assert ids == sorted(ids)  # each insert goes to the end of the id index
+
+
 def test_correction_rules_on_the_real_database(tmp_path: Path) -> None:
     engine = plog.open_log(f"sqlite:///{tmp_path / 'log.db'}")
     first, second = _logged(0), _logged(1)

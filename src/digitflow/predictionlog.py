@@ -18,7 +18,6 @@ import json
 import queue
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import sqlalchemy as sa
+import uuid6
 from sqlalchemy.engine import Engine
 
 from .errors import DigitflowError
@@ -85,8 +85,11 @@ def now() -> datetime:
 
 
 def new_id() -> str:
-    """A fresh prediction id."""
-    return uuid.uuid4().hex
+    """A fresh prediction id: a UUIDv7 (time first, then random bits) as 32 hex digits. Ids
+    that grow with time append to the end of the id index, where random ones (UUIDv4) landed all
+    over it: each batch of inserts rewrote a page of the index per row (280 rows into a log of
+    150,000: 14.6 against 6.8 ms, 8.1 against 4.6 MB of write-ahead log, `docs/benchmarks.md`)."""
+    return uuid6.uuid7().hex
 
 
 def image_bytes(prepared: np.ndarray) -> bytes:
