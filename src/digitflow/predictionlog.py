@@ -88,7 +88,7 @@ def new_id() -> str:
     """A fresh prediction id: a UUIDv7 (time first, then random bits) as 32 hex digits. Ids
     that grow with time append to the end of the id index, where random ones (UUIDv4) landed all
     over it: each batch of inserts rewrote a page of the index per row (280 rows into a log of
-    150,000: 14.6 against 6.8 ms, 8.1 against 4.6 MB of write-ahead log, `docs/benchmarks.md`)."""
+    150,000: 13.8 against 6.6 ms, 8.1 against 4.6 MB of write-ahead log, `docs/benchmarks.md`)."""
     return uuid6.uuid7().hex
 
 
