@@ -36,6 +36,7 @@ from digitflow.dataset import pixel_hashes, read_batch_file, stored_batches
 from digitflow.idx import read_images, read_labels
 from digitflow.imaging import encode_png
 from digitflow.inbox import stored_form
+from digitflow.logwriter import LogWriter
 from digitflow.versioning import data_hash
 
 # ---------------------------------------------------------------- helpers
@@ -168,12 +169,23 @@ def unwritable_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'a-file' / 'log.db'}"
 
 
+def _record(writer: LogWriter, index: int) -> list[str]:
+    """One single-image request's answer handed to the writer; its prediction ids."""
+    image = np.zeros((1, 28, 28, 1), np.float32)
+    image[0, 4 + index % 10 : 20, 10:14, 0] = 1.0
+    probabilities = np.full((1, 10), 0.02, np.float32)
+    probabilities[0, index % 10] = 0.82
+    content = f"file {index}".encode()
+    return writer.record(probabilities, image, [content], ("m", "1"), "api", "127.0.0.1", 1.5)
+
+
 def test_a_log_that_cannot_be_written_counts_and_says_so(tmp_path: Path) -> None:
-    writer = plog.LogWriter(unwritable_url(tmp_path), 0.05, 100, 30)
+    writer = LogWriter(unwritable_url(tmp_path), 0.05, 100, 30)
     writer.start()
     try:
-        writer.submit([_logged(i) for i in range(3)])  # never raises
-        assert writer.flush(10)
+        for index in range(3):
+            _record(writer, index)  # never raises
+        assert writer.flush(30)
         health = writer.health()
         assert health["status"] == "failing" and health["failed"] == 3
         assert health["written"] == 0 and "unable to open database" in health["last_error"]
@@ -181,17 +193,54 @@ def test_a_log_that_cannot_be_written_counts_and_says_so(tmp_path: Path) -> None
         writer.stop()
 
 
-def test_the_writer_batches_and_a_full_queue_drops_and_counts(tmp_path: Path) -> None:
+def test_the_writer_process_writes_what_the_server_answered_and_drops_past_the_queue(
+    tmp_path: Path,
+) -> None:
     url = f"sqlite:///{tmp_path / 'log.db'}"
-    writer = plog.LogWriter(url, 0.05, 5, 30)
-    writer.submit([_logged(i) for i in range(8)])  # not started: the queue holds 5
-    assert writer.dropped == 3
+    writer = LogWriter(url, 0.05, 5, 30)
+    ids = [_record(writer, index) for index in range(8)]  # not started: the queue holds 5
+    assert writer.dropped == 3 and all(len(made) == 1 for made in ids)
     writer.start()
-    assert writer.flush(10)
-    writer.stop()
+    try:
+        assert writer.flush(30)
+    finally:
+        writer.stop()
     with plog.engine_for(url).connect() as connection:
-        count = connection.execute(sa.select(sa.func.count()).select_from(plog.predictions))
-        assert count.scalar() == 5 == writer.written
+        rows = connection.execute(sa.select(plog.predictions).order_by(plog.predictions.c.id))
+        rows = rows.mappings().all()
+    assert len(rows) == 5 == writer.written
+    assert [row["id"] for row in rows] == [made[0] for made in ids[:5]]
+    for index, row in enumerate(rows):  # built in the writer process from what was recorded
+        assert row["digit"] == index and row["probability"] == pytest.approx(0.82)
+        assert row["file_sha256"] == hashlib.sha256(f"file {index}".encode()).hexdigest()
+        assert plog.image_array(row["image"])[4 + index, 10] == 255
+        assert row["latency_ms"] == 1.5 and row["source"] == "api"
+
+
+def test_a_writer_process_that_dies_is_replaced_and_its_rows_counted_as_failed(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    writer = LogWriter(url, 0.05, 100, 30)
+    writer.start()
+    try:
+        _record(writer, 0)
+        assert writer.flush(30) and writer.written == 1
+        first = writer.health()["writer_pid"]
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while writer.health()["writer_restarts"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        health = writer.health()
+        assert health["writer_restarts"] == 1 and "exited" in health["last_error"]
+        for index in range(1, 4):
+            _record(writer, index)
+        assert writer.flush(30)
+        health = writer.health()
+        assert health["written"] == 4 and health["failed"] == 0
+        assert health["writer_pid"] not in (None, first)
+    finally:
+        writer.stop()
 
 
 def test_old_images_are_purged_except_those_awaiting_export(tmp_path: Path) -> None:
@@ -287,7 +336,7 @@ def test_without_a_token_feedback_is_refused_beyond_loopback(champion, tmp_path)
     params = load_params(champion.params)
     tracking.configure(champion, params)
     holder = FixedModel(champion_uri(params), ink_settings(params.imaging))
-    writer = plog.LogWriter(f"sqlite:///{tmp_path / 'log.db'}", 0.05, 100, 30)
+    writer = LogWriter(f"sqlite:///{tmp_path / 'log.db'}", 0.05, 100, 30)
     open_app = create_app(holder, params.serve, writer, FeedbackAccess(None, False, "9/minute"))
     with TestClient(open_app) as client:
         body = {"prediction_id": "x", "label": 1}

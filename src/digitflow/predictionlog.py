@@ -6,18 +6,14 @@ Two tables, SQLAlchemy Core, on SQLite by default or PostgreSQL through $DIGITFL
 - `corrections`: at most one per prediction, the latest label a user gave, and how far it got
   on its way into the training data (its `state`).
 
-`LogWriter` writes predictions from a background thread in batches, so a request never waits
-for the database, and a database that cannot be written never fails a prediction: the rows are
-counted as failed and the writer's `health()` says so.
+The server writes predictions through `logwriter.LogWriter`, in batches and in a process of its
+own, so that a request never waits for the database.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import queue
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -137,12 +133,12 @@ def open_log(url: str) -> Engine:
         ensure_schema(engine)
     except sa.exc.SQLAlchemyError as exc:
         raise DigitflowError(
-            f"cannot open the prediction log {_shown(url)}: {exc.orig or exc}"
+            f"cannot open the prediction log {shown_url(url)}: {exc.orig or exc}"
         ) from None
     return engine
 
 
-def _shown(url: str) -> str:
+def shown_url(url: str) -> str:
     """The URL without its password."""
     return sa.engine.make_url(url).render_as_string()  # masks the password as ***
 
@@ -195,11 +191,15 @@ def entries(
     source: str,
     client: str | None,
     latency_ms: float,
+    ids: list[str] | None = None,
+    stamp: datetime | None = None,
 ) -> list[LoggedPrediction]:
     """Log entries for the answered images (rows of NaN probabilities, images that failed, are
-    skipped), each with a fresh id; `model` is (name, version)."""
-    stamp = now()
+    skipped); `model` is (name, version). Each gets the next of `ids` (one per answered image)
+    or a fresh id, and the time `stamp` (default: now)."""
+    stamp = stamp or now()
     answered = ~np.isnan(probabilities).any(axis=1)
+    given = iter(ids) if ids is not None else None
     logged = []
     for index, data in enumerate(contents):
         if not answered[index]:
@@ -208,7 +208,7 @@ def entries(
         digit = int(row.argmax())
         logged.append(
             LoggedPrediction(
-                id=new_id(),
+                id=next(given) if given is not None else new_id(),
                 model_name=model[0],
                 model_version=model[1],
                 source=source,
@@ -230,135 +230,6 @@ def write_predictions(engine: Engine, logged: list[LoggedPrediction]) -> None:
     if logged:
         with transaction(engine) as connection:
             connection.execute(predictions.insert(), [item.row() for item in logged])
-
-
-WRITE_BATCH = 1000
-"""Most predictions written in one transaction."""
-
-
-class LogWriter:
-    """Writes predictions in the background, in batches; counts what it could not write."""
-
-    def __init__(
-        self, url: str, flush_interval_s: float, queue_size: int, retention_days: float
-    ) -> None:
-        self.url = url
-        self.engine = engine_for(url)
-        self.flush_interval_s = flush_interval_s
-        self.retention_days = retention_days
-        self._next_purge = 0.0
-        self._queue: queue.Queue[LoggedPrediction] = queue.Queue(maxsize=queue_size)
-        self._idle = threading.Condition()
-        self._unwritten = 0  # submitted but not yet written or given up
-        self._schema_ready = False
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.written = self.failed = self.dropped = 0
-        self.last_error = ""
-        self.last_error_at: float | None = None
-
-    def start(self) -> None:
-        self._try_schema()
-        self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
-        self._thread.start()
-
-    def _try_schema(self) -> bool:
-        if not self._schema_ready:
-            try:
-                ensure_schema(self.engine)
-                self._schema_ready = True
-            except Exception as exc:  # the database is not reachable now: try again later
-                self._note_error(exc)
-        return self._schema_ready
-
-    def _note_error(self, exc: Exception) -> None:
-        self.last_error = f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:300]}"
-        self.last_error_at = time.time()
-
-    def submit(self, logged: list[LoggedPrediction]) -> None:
-        """Queue predictions for writing; never blocks (a full queue drops and counts them)."""
-        with self._idle:
-            self._unwritten += len(logged)
-        for item in logged:
-            try:
-                self._queue.put_nowait(item)
-            except queue.Full:
-                self.dropped += 1
-                self._settle(1)
-
-    def _settle(self, count: int) -> None:
-        with self._idle:
-            self._unwritten -= count
-            if self._unwritten <= 0:
-                self._idle.notify_all()
-
-    def _take_batch(self) -> list[LoggedPrediction]:
-        """The predictions to write next: the first to arrive, and what else arrives within
-        flush_interval_s after it. The thread sleeps through that window instead of waking for
-        each prediction (each wake-up took Python's lock from the requests being served)."""
-        try:
-            batch = [self._queue.get(timeout=self.flush_interval_s)]
-        except queue.Empty:
-            return []
-        if self._queue.qsize() < WRITE_BATCH - 1:
-            self._stop.wait(self.flush_interval_s)
-        while len(batch) < WRITE_BATCH:
-            try:
-                batch.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
-        return batch
-
-    def _run(self) -> None:
-        while not (self._stop.is_set() and self._queue.empty()):
-            batch = self._take_batch()
-            if batch:
-                self._write(batch)
-            if time.monotonic() >= self._next_purge and self._schema_ready:
-                self._purge()
-
-    def _purge(self) -> None:
-        self._next_purge = time.monotonic() + PURGE_EVERY_S
-        try:
-            purge_images(self.engine, self.retention_days)
-        except Exception as exc:  # try again at the next purge
-            self._note_error(exc)
-
-    def _write(self, batch: list[LoggedPrediction]) -> None:
-        try:
-            if not self._try_schema():
-                raise RuntimeError(f"prediction log not writable: {self.last_error}")
-            write_predictions(self.engine, batch)
-            self.written += len(batch)
-        except Exception as exc:  # never fail a prediction over its log entry
-            self.failed += len(batch)
-            self._note_error(exc)
-        finally:
-            self._settle(len(batch))
-
-    def flush(self, timeout_s: float = 5.0) -> bool:
-        """Wait until everything submitted so far was written (or given up); False on timeout."""
-        with self._idle:
-            return self._idle.wait_for(lambda: self._unwritten <= 0, timeout=timeout_s)
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """Write what is queued, then stop the thread."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=timeout_s)
-
-    def health(self) -> dict[str, Any]:
-        """Counts and the last error, for /health."""
-        failing = bool(self.last_error_at and time.time() - self.last_error_at < 300)
-        return {
-            "status": "failing" if failing else "ok",
-            "database": _shown(self.url),
-            "written": self.written,
-            "failed": self.failed,
-            "dropped": self.dropped,
-            "queued": self._queue.qsize(),
-            "last_error": self.last_error or None,
-        }
 
 
 def record_correction(engine: Engine, prediction_id: str, label: int, client: str | None) -> str:

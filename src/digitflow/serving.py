@@ -41,12 +41,13 @@ from .batching import Answer, Batcher, Prepare
 from .config import ServeParams
 from .decoding import DecodingProcesses
 from .imaging import InkSettings, prepare_batch
+from .logwriter import LogWriter
 from .modelprocess import (
     ModelProcess,
     prepare_within_budget,
     within_pixel_budget,
 )
-from .predictionlog import CorrectionSettled, LogWriter, UnknownPrediction
+from .predictionlog import CorrectionSettled, UnknownPrediction
 from .uploads import MalformedForm, TooManyFiles, multipart_files
 
 PAGE = "static/draw.html"
@@ -586,7 +587,7 @@ def create_app(
         if log is None or request.query_params.get("log") == "false":
             return [None] * len(items)
         source = "page" if request.query_params.get("source") == "page" else "api"
-        logged = predictionlog.entries(
+        return log.record(
             probabilities,
             inputs,
             [data for _, data in items],
@@ -595,8 +596,6 @@ def create_app(
             request.client.host if request.client else None,
             (time.perf_counter() - started) * 1000,
         )
-        log.submit(logged)
-        return [entry.id for entry in logged]
 
     @app.post(
         "/predict",

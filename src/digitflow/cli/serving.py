@@ -262,7 +262,7 @@ def worker_app():
 def _prediction_log(project, params: Params, host: str, wanted: bool):
     """The log writer (None when --no-log or feedback.log_predictions is off) and who may send
     feedback."""
-    from ..predictionlog import LogWriter
+    from ..logwriter import LogWriter
     from ..serving import FeedbackAccess, is_loopback
 
     settings = params.feedback
