@@ -243,6 +243,24 @@ def test_a_writer_process_that_dies_is_replaced_and_its_rows_counted_as_failed(
         writer.stop()
 
 
+def test_ctrl_c_leaves_the_writer_process_to_the_server(tmp_path: Path) -> None:
+    writer = LogWriter(f"sqlite:///{tmp_path / 'log.db'}", 0.05, 100, 30)
+    writer.start()
+    try:
+        _record(writer, 0)
+        assert writer.flush(30)
+        pid = writer.health()["writer_pid"]
+        os.kill(pid, signal.SIGINT)  # what a terminal's Ctrl-C sends the whole process group
+        time.sleep(1)
+        _record(writer, 1)
+        assert writer.flush(30)
+        health = writer.health()
+        assert health["written"] == 2 and health["writer_pid"] == pid
+        assert health["writer_restarts"] == 0
+    finally:
+        writer.stop()
+
+
 def test_old_images_are_purged_except_those_awaiting_export(tmp_path: Path) -> None:
     engine = plog.open_log(f"sqlite:///{tmp_path / 'log.db'}")
     old, old_corrected, recent = _logged(0, days_old=40), _logged(1, days_old=40), _logged(2)

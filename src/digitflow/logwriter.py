@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import signal
 import threading
 import time
 from datetime import UTC, datetime
@@ -124,7 +125,10 @@ def _purge(engine, retention_days: float) -> str:
 
 def _write_log(conn: Connection, url: str, retention_days: float) -> None:
     """The writer process: write each buffer it is sent and answer with its Outcome; purge old
-    images every PURGE_EVERY_S; stop at None or when the server's end of the pipe closes."""
+    images every PURGE_EVERY_S; stop at None or when the server's end of the pipe closes. Ctrl-C
+    reaches the whole process group: the server, not the signal, ends this process, so that
+    what is still queued at shutdown is written."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     engine = engine_for(url)
     try:
         predictionlog.ensure_schema(engine)
@@ -145,7 +149,7 @@ def _write_log(conn: Connection, url: str, retention_days: float) -> None:
                 return
             outcome, schema_ready = _write(engine, buffer, schema_ready)
             conn.send(outcome)
-    except (EOFError, OSError, KeyboardInterrupt):  # the server is gone or stopping
+    except (EOFError, OSError):  # the server is gone
         return
     finally:
         engine.dispose()
