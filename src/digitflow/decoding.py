@@ -17,6 +17,7 @@ import contextlib
 import multiprocessing
 import os
 import queue
+import signal
 import threading
 from collections import deque
 from collections.abc import Sequence
@@ -54,9 +55,17 @@ def received(conn: Connection, name: str) -> queue.SimpleQueue:
     return arrived
 
 
+def leave_ctrl_c_to_the_server() -> None:
+    """In a spawned worker: ignore SIGINT. A terminal's Ctrl-C reaches the whole process group;
+    the server, stopping, ends its workers itself (None down the pipe, or the pipe closing), and
+    a worker interrupted mid-wait would print a traceback or lose what it still had to do."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _prepare_shares(conn: Connection) -> None:
     """A decoding process: prepare each share sent (images, ink) until None or the pipe
     closes; reply ("ok", prepared) or ("error", the exception)."""
+    leave_ctrl_c_to_the_server()
     shares = received(conn, "shares")
     while (work := shares.get()) is not None:
         images, ink = work

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
-import signal
 import threading
 import time
 from datetime import UTC, datetime
@@ -27,6 +26,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import predictionlog
+from .decoding import leave_ctrl_c_to_the_server
 from .predictionlog import PURGE_EVERY_S, engine_for, new_id
 
 STOP_TIMEOUT_S = 10.0
@@ -125,10 +125,9 @@ def _purge(engine, retention_days: float) -> str:
 
 def _write_log(conn: Connection, url: str, retention_days: float) -> None:
     """The writer process: write each buffer it is sent and answer with its Outcome; purge old
-    images every PURGE_EVERY_S; stop at None or when the server's end of the pipe closes. Ctrl-C
-    reaches the whole process group: the server, not the signal, ends this process, so that
-    what is still queued at shutdown is written."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    images every PURGE_EVERY_S; stop at None or when the server's end of the pipe closes (not
+    at Ctrl-C: what is still queued when the server stops is written)."""
+    leave_ctrl_c_to_the_server()
     engine = engine_for(url)
     try:
         predictionlog.ensure_schema(engine)

@@ -33,7 +33,7 @@ from fastapi import HTTPException
 
 from . import inference
 from .batching import Answer, Pending, compute_batch
-from .decoding import received
+from .decoding import leave_ctrl_c_to_the_server, received
 from .imaging import InkSettings, pixel_count, prepare_batch
 
 Work = list[tuple[np.ndarray | None, list[bytes] | None]]
@@ -103,6 +103,7 @@ def _serve_calls(
     or until the server's end of the pipe closes."""
     import mlflow
 
+    leave_ctrl_c_to_the_server()
     try:
         mlflow.set_tracking_uri(store[0])
         mlflow.set_registry_uri(store[1])
