@@ -36,7 +36,7 @@ from digitflow.dataset import pixel_hashes, read_batch_file, stored_batches
 from digitflow.idx import read_images, read_labels
 from digitflow.imaging import encode_png
 from digitflow.inbox import stored_form
-from digitflow.logwriter import LogWriter
+from digitflow.logwriter import LogWriter, answers
 from digitflow.versioning import data_hash
 
 # ---------------------------------------------------------------- helpers
@@ -176,7 +176,8 @@ def _record(writer: LogWriter, index: int) -> list[str]:
     probabilities = np.full((1, 10), 0.02, np.float32)
     probabilities[0, index % 10] = 0.82
     content = f"file {index}".encode()
-    return writer.record(probabilities, image, [content], ("m", "1"), "api", "127.0.0.1", 1.5)
+    answered = answers(probabilities, image, [content], ("m", "1"), "api", "127.0.0.1", 1.5)
+    return writer.record(answered)
 
 
 def test_a_log_that_cannot_be_written_counts_and_says_so(tmp_path: Path) -> None:
@@ -215,6 +216,24 @@ def test_the_writer_process_writes_what_the_server_answered_and_drops_past_the_q
         assert row["file_sha256"] == hashlib.sha256(f"file {index}".encode()).hexdigest()
         assert plog.image_array(row["image"])[4 + index, 10] == 255
         assert row["latency_ms"] == 1.5 and row["source"] == "api"
+
+
+def test_an_image_that_failed_gets_no_id_and_no_row(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    probabilities = np.full((2, 10), 0.1, np.float32)
+    probabilities[0] = np.nan  # the first image could not be prepared
+    inputs = np.zeros((2, 28, 28, 1), np.float32)
+    writer = LogWriter(url, 0.05, 100, 30)
+    writer.start()
+    try:
+        item = answers(probabilities, inputs, [b"bad", b"good"], ("m", "1"), "api", None, 1.0)
+        ids = writer.record(item)
+        assert len(ids) == 1 and writer.flush(30)
+    finally:
+        writer.stop()
+    rows = rows_for(plog.engine_for(url), ids)
+    assert rows[ids[0]]["file_sha256"] == hashlib.sha256(b"good").hexdigest()
+    assert writer.written == 1
 
 
 def test_a_writer_process_that_dies_is_replaced_and_its_rows_counted_as_failed(

@@ -35,8 +35,8 @@ STOP_TIMEOUT_S = 10.0
 class Answers(NamedTuple):
     """One request's answered images, as the server hands them to the log."""
 
-    ids: list[str]
-    probabilities: np.ndarray  # (n, 10), rows of the answered images only
+    ids: list[str]  # one per answered image
+    probabilities: np.ndarray  # (n, 10); rows of NaN for images that failed
     inputs: np.ndarray  # (n, 28, 28, 1), what the model saw
     contents: list[bytes]  # the files as uploaded
     model: tuple[str, str]  # (name, version)
@@ -63,14 +63,9 @@ def answers(
     client: str | None,
     latency_ms: float,
 ) -> Answers:
-    """A request's answers with fresh prediction ids; images that failed (rows of NaN
-    probabilities) are left out."""
-    answered = ~np.isnan(probabilities).any(axis=1)
-    kept = np.flatnonzero(answered)
-    if len(kept) < len(contents):
-        probabilities, inputs = probabilities[kept], inputs[kept]
-        contents = [contents[index] for index in kept]
-    ids = [new_id() for _ in contents]
+    """A request's answers, with a fresh prediction id for each image answered (the rows are
+    built from them in the writer process, where `predictionlog.entries` skips failed ones)."""
+    ids = [new_id() for _ in range(int(predictionlog.answered(probabilities).sum()))]
     stamp = time.time()
     return Answers(ids, probabilities, inputs, contents, model, source, client, latency_ms, stamp)
 
@@ -205,19 +200,9 @@ class LogWriter:
         there.close()
         self._process, self._conn = process, here
 
-    def record(
-        self,
-        probabilities: np.ndarray,
-        inputs: np.ndarray,
-        contents: list[bytes],
-        model: tuple[str, str],
-        source: str,
-        client: str | None,
-        latency_ms: float,
-    ) -> list[str]:
-        """Queue a request's answers for the log; their prediction ids. Never blocks: beyond
-        `queue_size` waiting images, answers are dropped and counted."""
-        item = answers(probabilities, inputs, contents, model, source, client, latency_ms)
+    def record(self, item: Answers) -> list[str]:
+        """Queue a request's answers (see `answers`) for the log; their prediction ids. Never
+        blocks: beyond `queue_size` waiting images, answers are dropped and counted."""
         count = len(item.ids)
         with self._lock:
             self._submitted += count
@@ -240,7 +225,7 @@ class LogWriter:
         while True:
             deadline = time.monotonic() + self.flush_interval_s
             while (left := deadline - time.monotonic()) > 0 and not self._stopping.is_set():
-                self._read_outcomes(min(left, 0.05))
+                self._read_outcomes(left)  # returns early when an outcome comes
             with self._lock:
                 buffer, self._buffer, self._buffered = self._buffer, [], 0
             if buffer:
@@ -302,10 +287,12 @@ class LogWriter:
     def _finish(self) -> None:
         """Wait for the outcomes of what was sent, then stop the process."""
         deadline = time.monotonic() + STOP_TIMEOUT_S
-        while self._sent_unsettled > 0 and self._conn is not None:
-            if time.monotonic() > deadline:
-                break
-            self._read_outcomes(0.05)
+        while (
+            self._sent_unsettled > 0
+            and self._conn is not None
+            and (left := deadline - time.monotonic()) > 0
+        ):
+            self._read_outcomes(left)
         conn, process, self._conn = self._conn, self._process, None
         if conn is not None:
             with contextlib.suppress(OSError):  # already gone

@@ -183,6 +183,11 @@ class LoggedPrediction:
         }
 
 
+def answered(probabilities: np.ndarray) -> np.ndarray:
+    """Which images were answered: rows of NaN probabilities are images that failed."""
+    return ~np.isnan(probabilities).any(axis=1)
+
+
 def entries(
     probabilities: np.ndarray,
     inputs: np.ndarray,
@@ -198,11 +203,11 @@ def entries(
     skipped); `model` is (name, version). Each gets the next of `ids` (one per answered image)
     or a fresh id, and the time `stamp` (default: now)."""
     stamp = stamp or now()
-    answered = ~np.isnan(probabilities).any(axis=1)
+    kept = answered(probabilities)
     given = iter(ids) if ids is not None else None
     logged = []
     for index, data in enumerate(contents):
-        if not answered[index]:
+        if not kept[index]:
             continue
         row = probabilities[index]
         digit = int(row.argmax())

@@ -36,7 +36,7 @@ from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, Field, create_model
 from starlette.concurrency import run_in_threadpool
 
-from . import inference, predictionlog
+from . import inference, logwriter, predictionlog
 from .batching import Answer, Batcher, Prepare
 from .config import ServeParams
 from .decoding import DecodingProcesses
@@ -587,7 +587,7 @@ def create_app(
         if log is None or request.query_params.get("log") == "false":
             return [None] * len(items)
         source = "page" if request.query_params.get("source") == "page" else "api"
-        return log.record(
+        answers = logwriter.answers(
             probabilities,
             inputs,
             [data for _, data in items],
@@ -596,6 +596,7 @@ def create_app(
             request.client.host if request.client else None,
             (time.perf_counter() - started) * 1000,
         )
+        return log.record(answers)
 
     @app.post(
         "/predict",
