@@ -16,7 +16,7 @@ from fastapi import HTTPException
 from digitflow import tracking
 from digitflow.batching import Pending, compute_batch
 from digitflow.config import load_params
-from digitflow.imaging import encode_png, ink_settings
+from digitflow.imaging import encode_png, ink_settings, prepare_batch
 from digitflow.modelprocess import prepare_within_budget
 from digitflow.serving import loaded
 
@@ -65,6 +65,23 @@ def test_the_model_process_answers_as_the_server_would(served) -> None:
         else:
             np.testing.assert_allclose(theirs.probabilities, ours.probabilities, atol=1e-6)
     assert there[2].errors[0]  # named, per file
+
+
+def test_prepared_images_are_not_sent_back_yet_their_answer_holds_them(served) -> None:
+    """A request whose images came prepared (by the decoding processes) gets its answer with
+    those very inputs, though the model process sends back only what it computed."""
+    from digitflow.modelprocess import _answers
+
+    prepared, _ = prepare_batch(_digits(5), served.scorer.ink)
+    forward = served.scorer.probabilities
+    batch = [Pending(forward, None, images=prepared), *_requests(served, [_digits(2)])]
+    there = asyncio.run(served.process.compute(batch))
+    here = compute_batch(batch)
+    assert there[0].inputs is prepared
+    np.testing.assert_allclose(there[0].probabilities, here[0].probabilities, atol=1e-6)
+    np.testing.assert_array_equal(there[1].inputs, here[1].inputs)  # prepared there: sent back
+    crossing = _answers(forward, batch[1].prepare, [(prepared, None), (None, _digits(2))])
+    assert crossing[0].inputs.size == 0 and crossing[1].inputs.shape == (2, 28, 28, 1)
 
 
 def test_calls_cut_in_parts_give_the_same_probabilities_here_and_there(champion) -> None:

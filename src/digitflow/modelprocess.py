@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import multiprocessing
 import os
@@ -71,14 +72,38 @@ def running_package_first() -> Iterator[None]:
         sys.path.remove(package_parent)
 
 
+NOT_SENT_BACK = np.zeros((0, 28, 28, 1), dtype=np.float32)
+"""In an answer from the model process, in place of inputs the server sent prepared: it has
+them (a 64-image call's are 200 KB, pickled and piped twice otherwise)."""
+
+
 def _answers(forward: Callable, prepare_files: Callable, work: Work) -> list:
     """In the model process: the answers of one model call (see batching.compute_batch), with
-    an exception that cannot be pickled (TensorFlow's, say) replaced by its text."""
+    an exception that cannot be pickled (TensorFlow's, say) replaced by its text, and without
+    the inputs that came prepared."""
     batch = [
         Pending(forward, None, images, files, None if files is None else prepare_files)
         for images, files in work
     ]
-    return [_picklable(answer) for answer in compute_batch(batch)]
+    return [
+        _picklable(_without_sent_inputs(answer, images))
+        for answer, (images, _) in zip(compute_batch(batch), work, strict=True)
+    ]
+
+
+def _without_sent_inputs(
+    answer: Answer | BaseException, sent: np.ndarray | None
+) -> Answer | BaseException:
+    if sent is None or not isinstance(answer, Answer):
+        return answer
+    return dataclasses.replace(answer, inputs=NOT_SENT_BACK)
+
+
+def _with_sent_inputs(answer: Answer | BaseException, pending: Pending) -> Answer | BaseException:
+    """In the server: an answer with the inputs its request sent prepared put back."""
+    if pending.images is None or not isinstance(answer, Answer):
+        return answer
+    return dataclasses.replace(answer, inputs=pending.images)
 
 
 def _picklable(answer: Answer | BaseException) -> Answer | BaseException:
@@ -201,7 +226,7 @@ class ModelProcess:
         if conn is None:
             return await anyio.to_thread.run_sync(compute_batch, batch)
         try:
-            return await self._reply(conn)
+            answers = await self._reply(conn)
         except (EOFError, OSError):  # the process died during the call
             self._gone(conn)
             return await anyio.to_thread.run_sync(compute_batch, batch)
@@ -210,6 +235,10 @@ class ModelProcess:
             raise
         finally:
             self._call_over(conn)
+        return [
+            _with_sent_inputs(answer, pending)
+            for answer, pending in zip(answers, batch, strict=True)
+        ]
 
     def _sent(self, work: Work) -> Connection | None:
         """Send a call down the pipe; the connection, or None when there is no process."""
