@@ -94,6 +94,7 @@ def _answers(forward: Callable, prepare_files: Callable, work: Work) -> list:
 def _without_sent_inputs(
     answer: Answer | BaseException, sent: np.ndarray | None
 ) -> Answer | BaseException:
+    """In the model process: an answer without the inputs its request sent prepared."""
     if sent is None or not isinstance(answer, Answer):
         return answer
     return dataclasses.replace(answer, inputs=NOT_SENT_BACK)
