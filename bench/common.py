@@ -47,6 +47,22 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_generation(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
+    """'family F model M' from /proc/cpuinfo: tells CPU generations apart where the model name
+    does not (virtual machines report both AMD EPYC kinds as plain "AMD EPYC")."""
+    if not cpuinfo.is_file():
+        return None
+    fields = {}
+    for line in cpuinfo.read_text().splitlines():
+        if not line.strip():
+            break  # the first CPU's fields only
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    if "cpu family" not in fields or "model" not in fields:
+        return None
+    return f"family {fields['cpu family']} model {fields['model']}"
+
+
 def machine() -> dict:
     """Where and with what a benchmark ran."""
     versions = {}
@@ -60,6 +76,8 @@ def machine() -> dict:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpu": cpu_model(),
+        "cpu_generation": cpu_generation(),
+        "avx512": "avx512f" in cpu_flags(),
         "cpus": os.cpu_count(),
         # Which hardware bfloat16 the CPU has decides what `train.precision: auto` trains in.
         "bf16_flags": sorted(cpu_flags() & BF16_FLAGS),

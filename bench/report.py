@@ -25,21 +25,34 @@ FLOOR_MARGIN = 1.01  # a cores-bench trial this close to the slowest counts as h
 
 
 def newest_each_cpu(prefix: str) -> list[dict]:
-    """The newest result file of a benchmark for each CPU model it ran on, newest first: each
-    machine kind keeps its own row."""
-    by_cpu: dict[str, dict] = {}
+    """The newest result file of a benchmark for each machine kind it ran on, newest first:
+    each kind keeps its own row."""
+    by_kind: dict[str, dict] = {}
     for path in sorted(RESULTS.glob(f"{prefix}-2*.json"), reverse=True):
         result = json.loads(path.read_text()) | {"file": path.name}
-        by_cpu.setdefault(result.get("machine", {}).get("cpu", "?"), result)
-    return list(by_cpu.values())
+        by_kind.setdefault(kind_of(result), result)
+    return list(by_kind.values())
+
+
+def kind_of(result: dict) -> str:
+    """The machine kind a result file records: the CPU model, and the hardware bfloat16 it has
+    where recorded. Virtual machines name both AMD EPYC generations "AMD EPYC"; their flags
+    tell them apart (avx512_bf16 on the one with AVX-512, none on the one without)."""
+    return described(result.get("machine", {}))
+
+
+def described(machine: dict, cores: bool = False) -> str:
+    """'CPU (bf16 flags)', with ', N cores' inside the brackets when `cores`."""
+    flags = machine.get("bf16_flags")
+    notes = [] if flags is None else [" ".join(flags) or "no bf16 flags"]
+    if cores and machine.get("cpus"):
+        notes.append(f"{machine['cpus']} cores")
+    return machine.get("cpu", "CPU not recorded") + (f" ({', '.join(notes)})" if notes else "")
 
 
 def machine_of(result: dict) -> str:
-    """The CPU model and date a result file records."""
-    machine = result.get("machine", {})
-    flags = machine.get("bf16_flags")
-    bf16 = "" if flags is None else f" ({' '.join(flags) or 'no bf16 flags'})"
-    return f"{machine.get('cpu', 'CPU not recorded')}{bf16}, {machine.get('date', '?')[:10]}"
+    """The machine kind and date a result file records."""
+    return f"{kind_of(result)}, {result.get('machine', {}).get('date', '?')[:10]}"
 
 
 SERVER_LABELS = {  # bench/serving.py's servers
@@ -232,9 +245,8 @@ def readme_timings() -> str:
     for accuracy in newest_each_cpu("accuracy-digit_cnn"):
         if "tutorial_reference" not in accuracy:
             continue
-        machine = accuracy["machine"]
         lines.append(
-            f"Training the default `digit_cnn` on {machine['cpu']} ({machine['cpus']} cores): "
+            f"Training the default `digit_cnn` on {described(accuracy['machine'], cores=True)}: "
             f"{accuracy['train_seconds_mean'] / 60:.1f} minutes on average over "
             f"{len(accuracy['runs'])} seeds, {accuracy['ratio_train_seconds_mean_over_tutorial_fit']:.1f}x "
             f"the plain tutorial script's 10 epochs in the same run, for "
@@ -246,7 +258,7 @@ def readme_timings() -> str:
         one = serving["load"]["1_worker"]["1 client x1"]
         many = serving["load"]["1_worker"]["16 clients x1"]
         lines.append(
-            f"`digitflow serve` on {serving['machine']['cpu']}: one image in {latency_ms(one, 'p50')} "
+            f"`digitflow serve` on {kind_of(serving)}: one image in {latency_ms(one, 'p50')} "
             f"(p50, one client); {many['requests_per_s']:.0f} requests/s from 16 concurrent "
             f"clients (`bench/results/{serving['file']}`)."
         )
