@@ -37,27 +37,31 @@ TUTORIAL = {
 PACKAGES = ("tensorflow-cpu", "keras", "prefect", "mlflow", "dvc", "great-expectations", "numpy")
 
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else what platform knows."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
+CPUINFO = Path("/proc/cpuinfo")
 
 
-def cpu_generation(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
-    """'family F model M' from /proc/cpuinfo: tells CPU generations apart where the model name
-    does not (virtual machines report both AMD EPYC kinds as plain "AMD EPYC")."""
+def first_cpu_fields(cpuinfo: Path = CPUINFO) -> dict[str, str]:
+    """The first CPU's 'key: value' fields in /proc/cpuinfo (empty where there is none)."""
+    fields: dict[str, str] = {}
     if not cpuinfo.is_file():
-        return None
-    fields = {}
+        return fields
     for line in cpuinfo.read_text().splitlines():
         if not line.strip():
-            break  # the first CPU's fields only
+            break  # the first CPU's block ends at its blank line
         key, _, value = line.partition(":")
         fields[key.strip()] = value.strip()
+    return fields
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what platform knows."""
+    return first_cpu_fields().get("model name") or platform.processor() or "unknown"
+
+
+def cpu_generation(cpuinfo: Path = CPUINFO) -> str | None:
+    """'family F model M' from /proc/cpuinfo: tells CPU generations apart where the model name
+    does not (virtual machines report both AMD EPYC kinds as plain "AMD EPYC")."""
+    fields = first_cpu_fields(cpuinfo)
     if "cpu family" not in fields or "model" not in fields:
         return None
     return f"family {fields['cpu family']} model {fields['model']}"
@@ -71,16 +75,17 @@ def machine() -> dict:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
+    flags = cpu_flags()
     return {
         "host": platform.node(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpu": cpu_model(),
         "cpu_generation": cpu_generation(),
-        "avx512": "avx512f" in cpu_flags(),
+        "avx512": "avx512f" in flags,
         "cpus": os.cpu_count(),
         # Which hardware bfloat16 the CPU has decides what `train.precision: auto` trains in.
-        "bf16_flags": sorted(cpu_flags() & BF16_FLAGS),
+        "bf16_flags": sorted(flags & BF16_FLAGS),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": versions,

@@ -24,7 +24,7 @@ README_END = "<!-- timings:end -->"
 FLOOR_MARGIN = 1.01  # a cores-bench trial this close to the slowest counts as held at its rate
 
 
-def newest_each_cpu(prefix: str) -> list[dict]:
+def newest_each_kind(prefix: str) -> list[dict]:
     """The newest result file of a benchmark for each machine kind it ran on, newest first:
     each kind keeps its own row."""
     by_kind: dict[str, dict] = {}
@@ -114,7 +114,7 @@ def table() -> str:
         "| --- | --- | --- | --- |",
     ]
     for preset in ("seed_cnn", "digit_cnn"):
-        for result in newest_each_cpu(f"accuracy-{preset}"):
+        for result in newest_each_kind(f"accuracy-{preset}"):
             runs = len(result["runs"])
             against = ""
             if "tutorial_reference" in result:
@@ -130,7 +130,7 @@ def table() -> str:
                 f"{result['train_seconds_max']:.0f} s max{against} "
                 f"| `python bench/accuracy.py --preset {preset} --seeds 1 2 3` | `{result['file']}` ({machine_of(result)}) |"
             )
-    for overhead in newest_each_cpu("overhead"):
+    for overhead in newest_each_kind("overhead"):
         medians = overhead["median_seconds"]
         rows.append(
             f"| pipeline overhead, Prefect flow / plain script | {overhead['ratio_flow_over_plain']:.2f} "
@@ -148,29 +148,29 @@ def table() -> str:
             f"({medians['dvc']:.0f} s / {medians['plain']:.0f} s){equal_fit(overhead, 'dvc')} "
             "| same | same |"
         )
-    for throughput in newest_each_cpu("throughput"):
+    for throughput in newest_each_kind("throughput"):
         rates = throughput["median_samples_per_second"]
         rows.append(
             f"| training throughput, pipeline input path / numpy arrays | {throughput['ratio_pipeline_over_numpy']:.2f} "
             f"({rates['pipeline']:.0f} / {rates['numpy']:.0f} samples/s); with augmentation on: "
             f"{throughput['ratio_augmented_over_numpy']:.2f} | `python bench/throughput.py` | `{throughput['file']}` ({machine_of(throughput)}) |"
         )
-    for cores in newest_each_cpu("cores"):
+    for cores in newest_each_kind("cores"):
         rows.append(cores_row(cores))
-    for noop in newest_each_cpu("noop"):
+    for noop in newest_each_kind("noop"):
         medians = noop["median_seconds"]
         server = f" / {medians['flow_run_server']:.1f} s" if "flow_run_server" in medians else ""
         rows.append(
             f"| no-op `dvc repro` / flow run / flow run on a running server | {medians['dvc_repro']:.1f} s / "
             f"{medians['flow_run']:.1f} s{server} | `python bench/noop.py` | `{noop['file']}` ({machine_of(noop)}) |"
         )
-    for validation in newest_each_cpu("validation"):
+    for validation in newest_each_kind("validation"):
         rows.append(
             f"| `digitflow validate`, 70,000 images | {validation['median_command_wall_seconds']:.1f} s "
             f"({validation['median_validation_seconds']:.1f} s after imports) | `python bench/validation_cost.py` "
             f"| `{validation['file']}` ({machine_of(validation)}) |"
         )
-    for serving in newest_each_cpu("serving"):
+    for serving in newest_each_kind("serving"):
         if "load" not in serving:
             continue
         where = f"| `python bench/serving.py` | `{serving['file']}` ({machine_of(serving)}) |"
@@ -194,7 +194,7 @@ def table() -> str:
             f"({rates['digitflow_serve']:.0f} / {rates['mlflow_models_serve']:.0f} images/s) "
             "| same | same |"
         )
-    for logging in newest_each_cpu("prediction-log"):
+    for logging in newest_each_kind("prediction-log"):
         on, off = (
             logging["single_image_latency_ms"]["log_on"],
             logging["single_image_latency_ms"]["log_off"],
@@ -215,7 +215,7 @@ def table() -> str:
             f"{logging['prediction_log']['written']} rows written, {logging['prediction_log']['failed']} failed "
             f"| `python bench/prediction_log.py` | `{logging['file']}` ({machine_of(logging)}) |"
         )
-    for monitor in newest_each_cpu("monitor"):
+    for monitor in newest_each_kind("monitor"):
         scans, canvas = monitor["false_alarms"]["scan"], monitor["false_alarms"]["canvas"]
         turned = monitor["detection_rotated_90"]
         rows.append(
@@ -230,7 +230,7 @@ def table() -> str:
             f"{scans['alarms']} of {scans['windows']} / {canvas['alarms']} of {canvas['windows']}; "
             f"{turned['alarms']} of {turned['windows']} | same | same |"
         )
-    for sweep in newest_each_cpu("sweep"):
+    for sweep in newest_each_kind("sweep"):
         medians = sweep["median_seconds"]
         rows.append(
             f"| 4-trial sweep, 1 Dask worker / 2 workers | {medians['workers_1']:.0f} s / {medians['workers_2']:.0f} s "
@@ -242,7 +242,7 @@ def table() -> str:
 def readme_timings() -> str:
     """The README's timings: training and serving, from the newest result files."""
     lines = []
-    for accuracy in newest_each_cpu("accuracy-digit_cnn"):
+    for accuracy in newest_each_kind("accuracy-digit_cnn"):
         if "tutorial_reference" not in accuracy:
             continue
         lines.append(
@@ -252,7 +252,7 @@ def readme_timings() -> str:
             f"the plain tutorial script's 10 epochs in the same run, for "
             f"{accuracy['test_accuracy_mean']:.4f} test accuracy (`bench/results/{accuracy['file']}`)."
         )
-    for serving in newest_each_cpu("serving"):
+    for serving in newest_each_kind("serving"):
         if "load" not in serving:
             continue
         one = serving["load"]["1_worker"]["1 client x1"]

@@ -31,7 +31,7 @@ def test_machines_with_one_cpu_name_and_different_bf16_flags_keep_their_own_rows
     write(tmp_path, "serving-20261202-120000.json", "Intel(R) Xeon(R) Processor", ["amx_bf16"])
 
     newest = {
-        report.kind_of(result): result["file"] for result in report.newest_each_cpu("serving")
+        report.kind_of(result): result["file"] for result in report.newest_each_kind("serving")
     }
 
     assert newest == {
