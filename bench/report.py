@@ -58,6 +58,7 @@ def machine_of(result: dict) -> str:
 SERVER_LABELS = {  # bench/serving.py's servers
     "1_worker": "1 worker",
     "1_worker_in_thread": "1 worker, model calls in a thread (`--no-model-process`)",
+    "1_worker_tensorflow": "1 worker, model calls on TensorFlow (`--runtime tensorflow`)",
     "2_worker": "2 workers",
 }
 

@@ -7,7 +7,8 @@ long it trained) and registers it as champion. Then, in the same run, on 127.0.0
 - bounded load with locust (bench/locustfile.py, closed loop, --seconds each, prediction log
   on): 1 client and 16 clients sending one PNG per request, and 16 clients sending 16 per
   request, in turn, --repeats times; against `digitflow serve` with 1 worker (its model calls in
-  a model process, the default), 1 worker making them in a thread (--no-model-process), and 2
+  a model process, on LiteRT: the defaults), 1 worker making them in a thread
+  (--no-model-process), 1 worker making them on TensorFlow (--runtime tensorflow), and 2
   workers. Requests/s, p50 and p99, failures, how many requests shared a model call (/health),
   and the cores used meanwhile by the server, by its busiest thread and by the whole machine,
   locust included (psutil); each figure the median over the repeats, every repeat kept;
@@ -47,6 +48,7 @@ LOADS = {"1 client x1": (1, 1), "16 clients x1": (16, 1), "16 clients x16": (16,
 SERVERS = {  # `digitflow serve` options of each server measured
     "1_worker": ["--workers", "1"],
     "1_worker_in_thread": ["--workers", "1", "--no-model-process"],
+    "1_worker_tensorflow": ["--workers", "1", "--runtime", "tensorflow"],
     "2_worker": ["--workers", "2"],
 }
 

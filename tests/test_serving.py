@@ -338,12 +338,20 @@ def _lab_tiff() -> bytes:
 EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n0 0 moveto 10 10 lineto stroke\n%%EOF\n"
 
 
-def _peak_memory(process: subprocess.Popen) -> int:
-    """The process's peak resident memory so far, in bytes (Linux VmHWM)."""
+def _memory(process: subprocess.Popen, field: str) -> int:
+    """One of the process's memory figures in /proc/PID/status (VmRSS, VmHWM), in bytes."""
     for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM in /proc")
+    raise AssertionError(f"no {field} in /proc")
+
+
+def _peak_from_now(process: subprocess.Popen) -> int:
+    """Reset the process's peak resident memory to what it holds now (Linux: clear_refs 5),
+    and return that: the peak measured after is then this request's, whatever the earlier
+    requests left free in the heap."""
+    Path(f"/proc/{process.pid}/clear_refs").write_text("5")
+    return _memory(process, "VmRSS")
 
 
 @pytest.mark.parametrize(
@@ -417,7 +425,7 @@ def test_a_chunked_body_over_the_limit_is_refused_while_it_is_read(served) -> No
     base, process = served
     port = int(base.rsplit(":", 1)[1])
     limit = 5_000_000
-    before = _peak_memory(process)
+    before = _peak_from_now(process)
     head = (
         b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         b"Transfer-Encoding: chunked\r\n\r\n"
@@ -427,8 +435,11 @@ def test_a_chunked_body_over_the_limit_is_refused_while_it_is_read(served) -> No
     reply = _raw_request(port, head, chunks, 30)
     assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
     assert b"limit" in reply
-    slack = 1 << 20  # the framework's own per-request allocations; buffering all would be 20 MB
-    assert _peak_memory(process) - before < limit + slack, "the body was buffered past the limit"
+    # the framework's per-request allocations, and what the server's other threads (the
+    # champion's watch, the prediction log's writer) allocate meanwhile; buffering all: 20 MB
+    slack = 3 << 20
+    grown = _memory(process, "VmHWM") - before
+    assert grown < limit + slack, f"the body was buffered past the limit: {grown:,} bytes"
     assert requests.get(f"{base}/health", timeout=10).ok
 
 
@@ -447,12 +458,12 @@ def test_a_client_that_stops_sending_gets_a_408(served) -> None:
 def test_a_json_list_of_empty_strings_is_refused_before_parsing(served, count: int) -> None:
     base, process = served
     body = b'{"images": [' + b",".join([b'""'] * count) + b"]}"
-    before = _peak_memory(process)
+    before = _peak_from_now(process)
     reply = requests.post(
         f"{base}/predict", data=body, headers={"content-type": "application/json"}, timeout=60
     )
     assert reply.status_code == 413, reply.text
-    assert _peak_memory(process) - before < 4 * len(body)  # decoding it all took +127 MB
+    assert _memory(process, "VmHWM") - before < 4 * len(body)  # decoding it all took +127 MB
 
 
 def _digit_page(digit: np.ndarray, side: int) -> bytes:
@@ -478,7 +489,7 @@ def test_64_images_at_the_pixel_budget_are_answered_within_a_memory_bound(
     assert reply.status_code == 413 and "64,064,000 pixels" in reply.json()["detail"]
 
     under = [("file", (f"{i}.png", _digit_page(digits[i], 999))) for i in range(64)]
-    before = _peak_memory(process)
+    before = _peak_from_now(process)
     health: list[int] = []
 
     def poll() -> None:
@@ -494,7 +505,7 @@ def test_64_images_at_the_pixel_budget_are_answered_within_a_memory_bound(
     assert sum(d == t for d, t in zip(digits_read, labels[:64], strict=True)) >= 48
     assert health == [200] * 10
     decoded_rgba_float = 64 * 999 * 1000 * 4 * 4  # what decoding all at once as floats would take
-    assert _peak_memory(process) - before < decoded_rgba_float / 4
+    assert _memory(process, "VmHWM") - before < decoded_rgba_float / 4
 
 
 def test_schemathesis_finds_no_5xx_and_no_answer_the_spec_does_not_allow(server, tmp_path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,6 +123,13 @@ class PromotionParams(_Strict):
     max_regression: float = Field(ge=0, le=1)
 
 
+class ServeRuntime(enum.StrEnum):
+    """Where the server's model calls run (inference.serving_forward)."""
+
+    litert = "litert"  # TensorFlow Lite's runtime, the network converted when it is loaded
+    tensorflow = "tensorflow"  # the Keras network's traced TensorFlow graph
+
+
 class ServeParams(_Strict):
     host: str = Field(min_length=1)
     port: int = Field(ge=1, le=65535)
@@ -136,6 +144,7 @@ class ServeParams(_Strict):
     workers: int = Field(ge=1)
     model_process: bool
     model_threads: int = Field(ge=0)
+    runtime: ServeRuntime
     split_images: int = Field(ge=0)
     max_connections: int = Field(ge=1)
     keep_alive_s: float = Field(gt=0)

@@ -8,6 +8,7 @@ could not be read (those rows have digit -1).
 
 from __future__ import annotations
 
+import os
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
@@ -22,7 +23,7 @@ from mlflow.types import ColSpec, Schema
 
 import mlflow
 
-from .config import NUM_CLASSES, Params
+from .config import NUM_CLASSES, Params, ServeRuntime
 from .imaging import InkSettings, ink_settings, prepare_batch
 
 IMAGE_COLUMN = "image"
@@ -247,6 +248,23 @@ class Scorer:
         batch, errors = self.prepare(images)
         probabilities = probabilities_prepared(self.keras_model, batch, errors)
         return Scored(results_frame(probabilities, errors), batch, probabilities)
+
+
+def serving_forward(scorer: Scorer, runtime: str) -> Callable[[np.ndarray], np.ndarray]:
+    """The forward pass the server calls on `runtime`. On LiteRT each call uses the threads
+    TF_NUM_INTRAOP_THREADS names (serving.use_model_threads sets it); a model LiteRT cannot run
+    is served on TensorFlow, saying why on the console."""
+    if runtime not in list(ServeRuntime):
+        raise ValueError(f"unknown runtime {runtime!r}: expected one of {', '.join(ServeRuntime)}")
+    if runtime == ServeRuntime.litert:
+        from .litert import LiteForward
+
+        threads = int(os.environ.get("TF_NUM_INTRAOP_THREADS", "1") or 1)
+        try:
+            return LiteForward.of(scorer.keras_model, max(1, threads))
+        except ValueError as exc:
+            print(f"{exc}; its calls run on TensorFlow instead", flush=True)
+    return scorer.probabilities
 
 
 def version_of(model_uri: str) -> str:

@@ -124,9 +124,11 @@ def _serve_calls(
     store: tuple[str, str],
     max_pixels: int,
     split: inference.Split,
+    runtime: str,
 ) -> None:
     """The model process: load the model, say so, then answer calls until told to stop (None)
-    or until the server's end of the pipe closes."""
+    or until the server's end of the pipe closes. The calls run on `runtime`
+    (inference.serving_forward)."""
     import mlflow
 
     leave_ctrl_c_to_the_server()
@@ -135,6 +137,7 @@ def _serve_calls(
         mlflow.set_registry_uri(store[1])
         scorer = inference.Scorer.of(inference.load(uri), uri, ink)
         scorer.probabilities(np.zeros((1, 28, 28, 1), dtype=np.float32))  # trace it now
+        model_forward = inference.serving_forward(scorer, runtime)
     except Exception as exc:
         conn.send(("failed", f"{exc.__class__.__name__}: {exc}"))
         return
@@ -142,21 +145,26 @@ def _serve_calls(
     gc.freeze()  # the model's objects live as long as the process: out of the collector's sight
     prepare_files = partial(prepare_within_budget, ink=scorer.ink, max_pixels=max_pixels)
     calls = received(conn, "calls")  # calls read off the pipe as they come
-    forward = inference.SplitForward(scorer.probabilities, split, idle=calls.empty)
+    forward = inference.SplitForward(model_forward, split, idle=calls.empty)
     conn.send(("ready", ""))
     while (work := calls.get()) is not None:
         conn.send(_answers(forward, prepare_files, work))
 
 
 def _start(
-    uri: str, ink: InkSettings, store: tuple[str, str], max_pixels: int, split: inference.Split
+    uri: str,
+    ink: InkSettings,
+    store: tuple[str, str],
+    max_pixels: int,
+    split: inference.Split,
+    runtime: str,
 ) -> tuple[multiprocessing.process.BaseProcess, Connection]:
     """Start a model process loading the model; it and the server's end of its pipe."""
     context = multiprocessing.get_context("spawn")
     here, there = context.Pipe()
     process = context.Process(
         target=_serve_calls,
-        args=(there, uri, ink, store, max_pixels, split),
+        args=(there, uri, ink, store, max_pixels, split, runtime),
         name="digitflow-model",
         daemon=True,
     )
@@ -182,18 +190,24 @@ def _wait_ready(process: multiprocessing.process.BaseProcess, conn: Connection, 
 
 
 def _spawn(
-    uri: str, ink: InkSettings, store: tuple[str, str], max_pixels: int, split: inference.Split
+    uri: str,
+    ink: InkSettings,
+    store: tuple[str, str],
+    max_pixels: int,
+    split: inference.Split,
+    runtime: str,
 ) -> tuple[multiprocessing.process.BaseProcess, Connection]:
     """A model process that has loaded the model, and the server's end of its pipe."""
-    process, conn = _start(uri, ink, store, max_pixels, split)
+    process, conn = _start(uri, ink, store, max_pixels, split, runtime)
     _wait_ready(process, conn, uri)
     return process, conn
 
 
 class ModelProcess:
-    """One model's calls, made in a process of its own, in the order they are sent; a call can
-    be sent while the one before is computing (the batcher's `calls_in_flight`). The process
-    starts loading the model at once; `wait_ready` before the first call."""
+    """One model's calls, made in a process of its own on `runtime` (inference.serving_forward),
+    in the order they are sent; a call can be sent while the one before is computing (the
+    batcher's `calls_in_flight`). The process starts loading the model at once; `wait_ready`
+    before the first call."""
 
     def __init__(
         self,
@@ -201,12 +215,14 @@ class ModelProcess:
         ink: InkSettings,
         max_pixels: int,
         split: inference.Split = inference.NO_SPLIT,
+        runtime: str = "tensorflow",
     ) -> None:
         import mlflow
 
         self.uri, self.ink, self.max_pixels, self.split = uri, ink, max_pixels, split
+        self.runtime = runtime
         self._store = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())  # the model's
-        self._process, self._conn = _start(uri, ink, self._store, max_pixels, split)
+        self._process, self._conn = _start(uri, ink, self._store, max_pixels, split, runtime)
         self._lock = threading.Lock()  # the pipe's state, shared with close() from other threads
         self._in_flight, self._closed = 0, False
         self._replies: deque[asyncio.Future] = deque()  # calls sent, oldest first (event loop)
@@ -317,7 +333,9 @@ class ModelProcess:
 
     def _restart(self) -> None:
         try:
-            process, conn = _spawn(self.uri, self.ink, self._store, self.max_pixels, self.split)
+            process, conn = _spawn(
+                self.uri, self.ink, self._store, self.max_pixels, self.split, self.runtime
+            )
         except Exception as exc:  # keep answering in the server
             print(f"could not start a new model process: {exc}", flush=True)
             return

@@ -62,7 +62,7 @@ class Served:
     version: str
     loaded_at: float
     scorer: inference.Scorer
-    forward: inference.SplitForward  # the scorer's forward pass, large calls cut in parts
+    forward: inference.SplitForward  # the forward pass on its runtime, large calls cut in parts
     process: ModelProcess | None = None  # where its calls are made, when not in this process
 
     def close(self) -> None:
@@ -77,24 +77,29 @@ def loaded(
     ink: InkSettings,
     own_process_pixels: int | None = None,
     split: inference.Split = inference.NO_SPLIT,
+    runtime: str = "tensorflow",
 ) -> Served:
     """Load a model for serving; with `own_process_pixels` (a request's pixel budget), its calls
     are made in a model process of its own (modelprocess), which loads it at the same time.
-    Calls of many images are cut as `split` says (inference.SplitForward)."""
+    Calls run on `runtime` (inference.serving_forward), those of many images cut as `split`
+    says (inference.SplitForward)."""
     process = (
-        None if own_process_pixels is None else ModelProcess(uri, ink, own_process_pixels, split)
+        None
+        if own_process_pixels is None
+        else ModelProcess(uri, ink, own_process_pixels, split, runtime)
     )
     try:
         model = inference.load(uri)
         scorer = inference.Scorer.of(model, uri, ink)
         scorer.probabilities(np.zeros((1, 28, 28, 1), dtype=np.float32))  # trace it now
+        model_forward = inference.serving_forward(scorer, runtime)
         if process is not None:
             process.wait_ready()
     except BaseException:
         if process is not None:
             process.close()
         raise
-    forward = inference.SplitForward(scorer.probabilities, split)
+    forward = inference.SplitForward(model_forward, split)
     return Served(model, uri, version, time.time(), scorer, forward, process)
 
 
@@ -109,9 +114,10 @@ class ChampionHolder:
         ink: InkSettings,
         own_process_pixels: int | None = None,
         split: inference.Split = inference.NO_SPLIT,
+        runtime: str = "tensorflow",
     ) -> None:
         self.name, self.alias, self.interval_s, self.ink = name, alias, interval_s, ink
-        self.own_process_pixels, self.split = own_process_pixels, split
+        self.own_process_pixels, self.split, self.runtime = own_process_pixels, split, runtime
         self._served: Served | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -136,7 +142,7 @@ class ChampionHolder:
         if self._served is not None and self._served.version == version:
             return False
         uri = f"models:/{self.name}/{version}"
-        served = loaded(uri, version, self.ink, self.own_process_pixels, self.split)
+        served = loaded(uri, version, self.ink, self.own_process_pixels, self.split, self.runtime)
         with self._lock:
             replaced, self._served = self._served, served
         if replaced is not None:
@@ -171,8 +177,9 @@ class FixedModel:
         ink: InkSettings,
         own_process_pixels: int | None = None,
         split: inference.Split = inference.NO_SPLIT,
+        runtime: str = "tensorflow",
     ) -> None:
-        self.served = loaded(uri, uri, ink, own_process_pixels, split)
+        self.served = loaded(uri, uri, ink, own_process_pixels, split, runtime)
         self.name, self.alias, self.last_error = uri, "", ""
 
     def start(self) -> None: ...

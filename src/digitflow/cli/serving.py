@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from ..config import FEEDBACK_TOKEN_ENV, WORKER_SPEC_ENV, Params
+from ..config import FEEDBACK_TOKEN_ENV, WORKER_SPEC_ENV, Params, ServeRuntime
 from ..console import console, errors
 from ..tracking import guarded
 from .common import RootOption, configured, fail, reported
@@ -167,6 +167,13 @@ def serve(
             "loop (default: serve.model_process); without, in a thread of the worker.",
         ),
     ] = None,
+    runtime: Annotated[
+        ServeRuntime | None,
+        typer.Option(
+            help="Where model calls run (default: serve.runtime): litert, TensorFlow Lite's "
+            "runtime, the network converted when it is loaded; or tensorflow.",
+        ),
+    ] = None,
     root: RootOption = None,
 ) -> None:
     """HTTP API (POST /predict, POST /feedback, GET /health, /docs) and a drawing page at / for
@@ -177,7 +184,9 @@ def serve(
 
     project, params = configured(root)
     if model_process is not None:
-        params = _with_model_process(params, model_process)
+        params = _with_serve(params, model_process=model_process)
+    if runtime is not None:
+        params = _with_serve(params, runtime=runtime)
     settings = params.serve
     bind_host, bind_port = host or settings.host, port or settings.port
     process_count = workers or settings.workers
@@ -185,7 +194,7 @@ def serve(
     use_model_threads(threads, call_parts(threads, process_count))
     if process_count > 1:
         # fail here, clearly, before the workers start (each starts its own model process)
-        _load_model(project, _with_model_process(params, False), model_uri)
+        _load_model(project, _with_serve(params, model_process=False), model_uri)
         console.print(
             f"{process_count} workers; drawing page: http://{bind_host}:{bind_port}/   "
             f"API docs: http://{bind_host}:{bind_port}/docs"
@@ -197,6 +206,7 @@ def serve(
                 "model_uri": model_uri,
                 "log": log,
                 "model_process": settings.model_process,
+                "runtime": settings.runtime,
             }
         )
         serve_workers(f"{__name__}:worker_app", settings, bind_host, bind_port, process_count)
@@ -209,9 +219,9 @@ def serve(
     run_server(holder, settings, bind_host, bind_port, log_writer, access)
 
 
-def _with_model_process(params: Params, model_process: bool) -> Params:
-    """The params with serve.model_process set (from the command line, or for a worker)."""
-    serve_settings = params.serve.model_copy(update={"model_process": model_process})
+def _with_serve(params: Params, **settings: object) -> Params:
+    """The params with these serve settings (from the command line, or for a worker)."""
+    serve_settings = params.serve.model_copy(update=settings)
     return params.model_copy(update={"serve": serve_settings})
 
 
@@ -227,7 +237,7 @@ def _load_model(project, params: Params, model_uri: str | None):
     try:
         with reported(), guarded(project):
             if model_uri:
-                return FixedModel(model_uri, ink, own_process_pixels, split)
+                return FixedModel(model_uri, ink, own_process_pixels, split, settings.runtime)
             holder = ChampionHolder(
                 params.mlflow.registered_model,
                 "champion",
@@ -235,6 +245,7 @@ def _load_model(project, params: Params, model_uri: str | None):
                 ink,
                 own_process_pixels,
                 split,
+                settings.runtime,
             )
             holder.refresh()
             return holder
@@ -253,7 +264,7 @@ def worker_app():
 
     spec = json.loads(os.environ[WORKER_SPEC_ENV])
     project, params = configured(Path(spec["root"]))
-    params = _with_model_process(params, spec["model_process"])
+    params = _with_serve(params, model_process=spec["model_process"], runtime=spec["runtime"])
     holder = _load_model(project, params, spec["model_uri"])
     log_writer, access = _prediction_log(project, params, spec["host"], spec["log"])
     return create_app(holder, params.serve, log_writer, access)
