@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,11 +122,9 @@ class PromotionParams(_Strict):
     max_regression: float = Field(ge=0, le=1)
 
 
-class ServeRuntime(enum.StrEnum):
-    """Where the server's model calls run (inference.serving_forward)."""
-
-    litert = "litert"  # TensorFlow Lite's runtime, the network converted when it is loaded
-    tensorflow = "tensorflow"  # the Keras network's traced TensorFlow graph
+ServeRuntime = Literal["litert", "tensorflow"]
+"""Where the server's model calls run (inference.serving_forward): LiteRT, TensorFlow Lite's
+runtime, the network converted when it is loaded; or the Keras network's traced graph."""
 
 
 class ServeParams(_Strict):

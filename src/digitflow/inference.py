@@ -14,7 +14,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import pandas as pd
@@ -254,9 +254,10 @@ def serving_forward(scorer: Scorer, runtime: str) -> Callable[[np.ndarray], np.n
     """The forward pass the server calls on `runtime`. On LiteRT each call uses the threads
     TF_NUM_INTRAOP_THREADS names (serving.use_model_threads sets it); a model LiteRT cannot run
     is served on TensorFlow, saying why on the console."""
-    if runtime not in list(ServeRuntime):
-        raise ValueError(f"unknown runtime {runtime!r}: expected one of {', '.join(ServeRuntime)}")
-    if runtime == ServeRuntime.litert:
+    runtimes = get_args(ServeRuntime)
+    if runtime not in runtimes:
+        raise ValueError(f"unknown runtime {runtime!r}: expected one of {', '.join(runtimes)}")
+    if runtime == "litert":
         from .litert import LiteForward
 
         threads = int(os.environ.get("TF_NUM_INTRAOP_THREADS", "1") or 1)

@@ -117,54 +117,52 @@ def _picklable(answer: Answer | BaseException) -> Answer | BaseException:
     return answer
 
 
-def _serve_calls(
-    conn: Connection,
-    uri: str,
-    ink: InkSettings,
-    store: tuple[str, str],
-    max_pixels: int,
-    split: inference.Split,
-    runtime: str,
-) -> None:
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """What a model process loads and how it calls it: the model's URI and the MLflow stores
+    it is in (tracking, registry), its preprocessing, a request's pixel budget, how large calls
+    are cut, and the runtime they run on (inference.serving_forward)."""
+
+    uri: str
+    ink: InkSettings
+    store: tuple[str, str]
+    max_pixels: int
+    split: inference.Split
+    runtime: str
+
+
+def _serve_calls(conn: Connection, spec: ModelSpec) -> None:
     """The model process: load the model, say so, then answer calls until told to stop (None)
-    or until the server's end of the pipe closes. The calls run on `runtime`
-    (inference.serving_forward)."""
+    or until the server's end of the pipe closes."""
     import mlflow
 
     leave_ctrl_c_to_the_server()
     try:
-        mlflow.set_tracking_uri(store[0])
-        mlflow.set_registry_uri(store[1])
-        scorer = inference.Scorer.of(inference.load(uri), uri, ink)
+        mlflow.set_tracking_uri(spec.store[0])
+        mlflow.set_registry_uri(spec.store[1])
+        scorer = inference.Scorer.of(inference.load(spec.uri), spec.uri, spec.ink)
         scorer.probabilities(np.zeros((1, 28, 28, 1), dtype=np.float32))  # trace it now
-        model_forward = inference.serving_forward(scorer, runtime)
+        model_forward = inference.serving_forward(scorer, spec.runtime)
     except Exception as exc:
         conn.send(("failed", f"{exc.__class__.__name__}: {exc}"))
         return
     gc.collect()
     gc.freeze()  # the model's objects live as long as the process: out of the collector's sight
-    prepare_files = partial(prepare_within_budget, ink=scorer.ink, max_pixels=max_pixels)
+    prepare_files = partial(prepare_within_budget, ink=scorer.ink, max_pixels=spec.max_pixels)
     calls = received(conn, "calls")  # calls read off the pipe as they come
-    forward = inference.SplitForward(model_forward, split, idle=calls.empty)
+    forward = inference.SplitForward(model_forward, spec.split, idle=calls.empty)
     conn.send(("ready", ""))
     while (work := calls.get()) is not None:
         conn.send(_answers(forward, prepare_files, work))
 
 
-def _start(
-    uri: str,
-    ink: InkSettings,
-    store: tuple[str, str],
-    max_pixels: int,
-    split: inference.Split,
-    runtime: str,
-) -> tuple[multiprocessing.process.BaseProcess, Connection]:
+def _start(spec: ModelSpec) -> tuple[multiprocessing.process.BaseProcess, Connection]:
     """Start a model process loading the model; it and the server's end of its pipe."""
     context = multiprocessing.get_context("spawn")
     here, there = context.Pipe()
     process = context.Process(
         target=_serve_calls,
-        args=(there, uri, ink, store, max_pixels, split, runtime),
+        args=(there, spec),
         name="digitflow-model",
         daemon=True,
     )
@@ -189,17 +187,10 @@ def _wait_ready(process: multiprocessing.process.BaseProcess, conn: Connection, 
         raise RuntimeError(f"the model process could not load {uri}: {message}")
 
 
-def _spawn(
-    uri: str,
-    ink: InkSettings,
-    store: tuple[str, str],
-    max_pixels: int,
-    split: inference.Split,
-    runtime: str,
-) -> tuple[multiprocessing.process.BaseProcess, Connection]:
+def _spawn(spec: ModelSpec) -> tuple[multiprocessing.process.BaseProcess, Connection]:
     """A model process that has loaded the model, and the server's end of its pipe."""
-    process, conn = _start(uri, ink, store, max_pixels, split, runtime)
-    _wait_ready(process, conn, uri)
+    process, conn = _start(spec)
+    _wait_ready(process, conn, spec.uri)
     return process, conn
 
 
@@ -219,10 +210,9 @@ class ModelProcess:
     ) -> None:
         import mlflow
 
-        self.uri, self.ink, self.max_pixels, self.split = uri, ink, max_pixels, split
-        self.runtime = runtime
-        self._store = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())  # the model's
-        self._process, self._conn = _start(uri, ink, self._store, max_pixels, split, runtime)
+        store = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())  # the model's
+        self.spec = ModelSpec(uri, ink, store, max_pixels, split, runtime)
+        self._process, self._conn = _start(self.spec)
         self._lock = threading.Lock()  # the pipe's state, shared with close() from other threads
         self._in_flight, self._closed = 0, False
         self._replies: deque[asyncio.Future] = deque()  # calls sent, oldest first (event loop)
@@ -231,7 +221,7 @@ class ModelProcess:
     def wait_ready(self) -> None:
         """Until the process has loaded the model (a RuntimeError saying why if it could not)."""
         try:
-            _wait_ready(self._process, self._conn, self.uri)
+            _wait_ready(self._process, self._conn, self.spec.uri)
         except RuntimeError:
             self._closed, self._conn = True, None
             raise
@@ -333,9 +323,7 @@ class ModelProcess:
 
     def _restart(self) -> None:
         try:
-            process, conn = _spawn(
-                self.uri, self.ink, self._store, self.max_pixels, self.split, self.runtime
-            )
+            process, conn = _spawn(self.spec)
         except Exception as exc:  # keep answering in the server
             print(f"could not start a new model process: {exc}", flush=True)
             return
