@@ -10,15 +10,13 @@ from functools import partial
 
 import numpy as np
 import pytest
+from conftest import load_champion_here
 
-from digitflow import tracking
 from digitflow.batching import Pending
-from digitflow.config import load_params
-from digitflow.imaging import InkSettings, encode_png, ink_settings
+from digitflow.imaging import InkSettings, encode_png
 from digitflow.inference import Scorer, serving_forward
 from digitflow.litert import LiteForward
 from digitflow.modelprocess import prepare_within_budget
-from digitflow.serving import loaded
 
 MAX_PIXELS = 28 * 28 * 64
 
@@ -26,10 +24,7 @@ MAX_PIXELS = 28 * 28 * 64
 @pytest.fixture(scope="module")
 def champion_litert(champion):
     """The champion served on LiteRT, with a model process of its own; closed after the module."""
-    params = load_params(champion.params)
-    tracking.configure(champion, params)
-    uri = f"models:/{params.mlflow.registered_model}/1"
-    served = loaded(uri, "1", ink_settings(params.imaging), MAX_PIXELS, runtime="litert")
+    served = load_champion_here(champion, MAX_PIXELS, runtime="litert")
     yield served
     served.close()
 

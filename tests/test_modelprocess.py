@@ -11,6 +11,7 @@ from functools import partial
 
 import numpy as np
 import pytest
+from conftest import load_champion_here
 from fastapi import HTTPException
 
 from digitflow import tracking
@@ -18,7 +19,6 @@ from digitflow.batching import Pending, compute_batch
 from digitflow.config import load_params
 from digitflow.imaging import encode_png, ink_settings, prepare_batch
 from digitflow.modelprocess import prepare_within_budget
-from digitflow.serving import loaded
 
 pytestmark = pytest.mark.slow
 
@@ -28,10 +28,7 @@ MAX_PIXELS = 28 * 28 * 4
 @pytest.fixture(scope="module")
 def served(champion):
     """The champion loaded here, with a model process of its own; closed after the module."""
-    params = load_params(champion.params)
-    tracking.configure(champion, params)
-    uri = f"models:/{params.mlflow.registered_model}/1"
-    served = loaded(uri, "1", ink_settings(params.imaging), own_process_pixels=MAX_PIXELS)
+    served = load_champion_here(champion, MAX_PIXELS)
     yield served
     served.close()
 
@@ -90,10 +87,7 @@ def test_calls_cut_in_parts_give_the_same_probabilities_here_and_there(champion)
     copy in one call."""
     from digitflow.inference import Split
 
-    params = load_params(champion.params)
-    tracking.configure(champion, params)
-    uri = f"models:/{params.mlflow.registered_model}/1"
-    cut = loaded(uri, "1", ink_settings(params.imaging), MAX_PIXELS, split=Split(2, 4))
+    cut = load_champion_here(champion, MAX_PIXELS, split=Split(2, 4))
     try:
         parts = [_digits(4)]
         there = _in_process(cut, parts)[0]
@@ -130,10 +124,7 @@ def test_a_killed_model_process_loses_no_call_and_is_replaced(served) -> None:
 
 
 def test_a_closed_model_process_exits_and_calls_go_on_here(champion) -> None:
-    params = load_params(champion.params)
-    tracking.configure(champion, params)
-    uri = f"models:/{params.mlflow.registered_model}/1"
-    served = loaded(uri, "1", ink_settings(params.imaging), own_process_pixels=MAX_PIXELS)
+    served = load_champion_here(champion, MAX_PIXELS)
     pid = served.process.status()["pid"]
     served.close()
     deadline = time.monotonic() + 30
