@@ -10,7 +10,16 @@ from paper import on_paper
 from PIL import Image
 
 from digitflow.idx import read_images
-from digitflow.imaging import ImageError, border_median, encode_png, prepare, prepare_array
+from digitflow.imaging import (
+    ImageError,
+    InkSettings,
+    PixelBudgetError,
+    border_median,
+    encode_png,
+    prepare,
+    prepare_array,
+    prepare_batch,
+)
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +127,33 @@ def test_only_the_formats_a_user_sends_are_opened() -> None:
     Image.new("LAB", (32, 32), (50, 0, 0)).save(buffer, "TIFF")
     with pytest.raises(ImageError, match="unsupported image: ValueError"):
         prepare(buffer.getvalue())
+
+
+def test_a_batch_reads_each_header_once_for_its_pixel_budget_and_its_decoding(digits) -> None:
+    """prepare_batch's budget counts the images' header pixels (none for an item that is not an
+    image), refuses the whole batch over it, and otherwise answers as prepare() does, item by
+    item, with each unusable item's error in its place."""
+    from conftest import png_claiming
+
+    items = [
+        encode_png(255 - digits[0]),
+        b"",
+        encode_png(np.kron(digits[1], np.ones((2, 2), np.uint8))),
+        b"%PDF-1.4 not an image",
+        png_claiming(5000, 5000),
+    ]
+    pixels = 28 * 28 + 56 * 56 + 5000 * 5000
+    budget = f"{pixels:,} pixels in 5 images; at most {pixels - 1:,} per request"
+    with pytest.raises(PixelBudgetError, match=budget):
+        prepare_batch(items, InkSettings(), max_pixels=pixels - 1)
+    inputs, errors = prepare_batch(items, InkSettings(), max_pixels=pixels)
+    assert [bool(error) for error in errors] == [False, True, False, True, True]
+    assert "empty file" in errors[1] and "not an image" in errors[3]
+    assert "image too large: 5000x5000" in errors[4]
+    np.testing.assert_array_equal(inputs[0, ..., 0], prepare(items[0]))
+    np.testing.assert_array_equal(inputs[2, ..., 0], prepare(items[2]))
+    assert not inputs[[1, 3, 4]].any()
+    assert np.array_equal(prepare_batch(items, InkSettings())[0], inputs)
 
 
 def test_transparency_is_ink_only_in_a_mostly_transparent_image(digits) -> None:

@@ -11,11 +11,12 @@ run with no new images never needs it.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeGuard
 
 import numpy as np
 
@@ -36,6 +37,10 @@ MOSTLY_TRANSPARENT = 0.5
 
 class ImageError(DigitflowError, ValueError):
     """An input that cannot be turned into a digit image; the message says why."""
+
+
+class PixelBudgetError(ImageError):
+    """A request's images hold more pixels, summed from their headers, than it may."""
 
 
 @dataclass(frozen=True)
@@ -85,20 +90,43 @@ def decode(data: bytes, settings: InkSettings = InkSettings()) -> np.ndarray:
     Whatever Pillow or NumPy raises becomes an ImageError naming the problem. The size is
     checked from the header before decoding (Pillow's own bomb check uses the same limit), and
     images are scaled down to `working_side` before any float copy is made."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    return decode_opened(open_header(data, settings), settings)
+
+
+def open_header(data: bytes, settings: InkSettings = InkSettings()) -> Image.Image:
+    """Encoded image bytes -> the image opened with its header read, not yet decoded; an
+    ImageError naming the problem when it is not an image or is far too large."""
+    from PIL import Image
 
     if not data:
         raise ImageError("empty file: no image data")
     Image.MAX_IMAGE_PIXELS = settings.max_pixels  # Pillow refuses twice this in Image.open
+    with _named_errors():
+        return _open(bytes(data))
+
+
+def decode_opened(opened: Image.Image, settings: InkSettings = InkSettings()) -> np.ndarray:
+    """An image from open_header -> its grey levels as decode() makes them; closes it."""
+    from PIL import ImageOps
+
+    with _named_errors(), opened:
+        _check_size(opened.width, opened.height, settings)
+        opened.draft(opened.mode, (settings.working_side, settings.working_side))  # JPEG
+        ImageOps.exif_transpose(opened, in_place=True)  # a copy would cost more than a small
+        opened.load()  # image's decoding
+        if max(opened.size) > settings.working_side:
+            opened.thumbnail((settings.working_side, settings.working_side))
+        return ink_map(opened)
+
+
+@contextlib.contextmanager
+def _named_errors() -> Iterator[None]:
+    """Whatever Pillow or NumPy raises while opening or decoding, as an ImageError that names
+    the problem."""
+    from PIL import Image, UnidentifiedImageError
+
     try:
-        with _open(bytes(data)) as opened:
-            _check_size(opened.width, opened.height, settings)
-            opened.draft(opened.mode, (settings.working_side, settings.working_side))  # JPEG
-            ImageOps.exif_transpose(opened, in_place=True)  # a copy would cost more than a small
-            opened.load()  # image's decoding
-            if max(opened.size) > settings.working_side:
-                opened.thumbnail((settings.working_side, settings.working_side))
-            return ink_map(opened)
+        yield
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -245,14 +273,57 @@ def encode_png(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def prepare_batch(images: Sequence[bytes], ink: InkSettings) -> tuple[np.ndarray, list[str]]:
-    """Encoded images -> model input (n, 28, 28, 1) and one error message per image ('' = fine)."""
-    batch = np.zeros((len(images), 28, 28, 1), dtype=np.float32)
-    errors = []
-    for index, data in enumerate(images):
-        try:
-            batch[index, ..., 0] = prepare(data, ink)
-            errors.append("")
-        except ImageError as exc:
-            errors.append(str(exc))
-    return batch, errors
+def check_pixel_budget(pixels: int, count: int, max_pixels: int) -> None:
+    """PixelBudgetError when a request's `count` images hold more than `max_pixels` pixels."""
+    if pixels > max_pixels:
+        raise PixelBudgetError(
+            f"{pixels:,} pixels in {count} images; at most {max_pixels:,} per request"
+        )
+
+
+def prepare_batch(
+    images: Sequence[bytes], ink: InkSettings, max_pixels: int | None = None
+) -> tuple[np.ndarray, list[str]]:
+    """Encoded images -> model input (n, 28, 28, 1) and one error message per image ('' = fine).
+
+    Each image's header is read once: with `max_pixels`, the pixels summed from the headers are
+    checked first (PixelBudgetError, nothing decoded), then the same opened images decoded."""
+    opened = [_opened_or_error(data, ink) for data in images]
+    try:
+        if max_pixels is not None:
+            pixels = sum(item.width * item.height for item in opened if _is_open(item))
+            check_pixel_budget(pixels, len(images), max_pixels)
+        batch = np.zeros((len(images), 28, 28, 1), dtype=np.float32)
+        errors = []
+        for index, item in enumerate(opened):
+            prepared, error = _prepared(item, ink)
+            if prepared is not None:
+                batch[index, ..., 0] = prepared
+            errors.append(error)
+        return batch, errors
+    finally:
+        for item in opened:
+            if _is_open(item):
+                item.close()
+
+
+def _opened_or_error(data: bytes, settings: InkSettings) -> Image.Image | ImageError:
+    """open_header's image, or the ImageError it raised (that item's answer)."""
+    try:
+        return open_header(data, settings)
+    except ImageError as exc:
+        return exc
+
+
+def _prepared(item: Image.Image | ImageError, ink: InkSettings) -> tuple[np.ndarray | None, str]:
+    """An opened image's model input and '', or None and why there is none."""
+    if not _is_open(item):
+        return None, str(item)
+    try:
+        return prepare_ink(decode_opened(item, ink), ink), ""
+    except ImageError as exc:
+        return None, str(exc)
+
+
+def _is_open(item: Image.Image | ImageError) -> TypeGuard[Image.Image]:
+    return not isinstance(item, ImageError)

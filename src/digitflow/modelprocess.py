@@ -35,7 +35,13 @@ from fastapi import HTTPException
 from . import inference
 from .batching import Answer, Pending, compute_batch
 from .decoding import leave_ctrl_c_to_the_server, received
-from .imaging import InkSettings, pixel_count, prepare_batch
+from .imaging import (
+    InkSettings,
+    PixelBudgetError,
+    check_pixel_budget,
+    pixel_count,
+    prepare_batch,
+)
 
 Work = list[tuple[np.ndarray | None, list[bytes] | None]]
 """One model call's requests: each its prepared images, or its encoded files."""
@@ -44,20 +50,22 @@ START_TIMEOUT_S = 300  # spawning, importing TensorFlow and loading the model
 
 def within_pixel_budget(encoded: list[bytes], max_pixels: int) -> list[bytes]:
     """A request's image files, once their pixels summed from the headers are checked (413)."""
-    pixels = sum(pixel_count(data) for data in encoded)
-    if pixels > max_pixels:
-        raise HTTPException(
-            413,
-            f"{pixels:,} pixels in {len(encoded)} images; at most {max_pixels:,} per request",
-        )
+    try:
+        check_pixel_budget(sum(pixel_count(data) for data in encoded), len(encoded), max_pixels)
+    except PixelBudgetError as exc:
+        raise HTTPException(413, str(exc)) from None
     return encoded
 
 
 def prepare_within_budget(
     encoded: list[bytes], ink: InkSettings, max_pixels: int
 ) -> tuple[np.ndarray, list[str]]:
-    """A request's files -> model inputs and per-image errors, after the pixel budget."""
-    return prepare_batch(within_pixel_budget(encoded, max_pixels), ink)
+    """A request's files -> model inputs and per-image errors, after the pixel budget (413),
+    each header read once for both."""
+    try:
+        return prepare_batch(encoded, ink, max_pixels)
+    except PixelBudgetError as exc:
+        raise HTTPException(413, str(exc)) from None
 
 
 @contextlib.contextmanager
