@@ -22,7 +22,7 @@ set_environment_defaults()
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from digitflow import feedback, inbox, locking, pipeline, stages  # noqa: E402
+from digitflow import inbox, locking, pipeline, stages  # noqa: E402
 from digitflow import ingest as ingestion  # noqa: E402
 
 
@@ -43,10 +43,11 @@ def export_corrections(root: str) -> dict:
     are held back in quarantine for review)."""
     project = paths(Path(root))
     params = load_params(project.params)
-    engine = feedback.log_engine(project, params)
-    if engine is None:
+    if not project.has_prediction_log(params):
         return {}
-    outcome = feedback.export_pending(engine, project, params)
+    from digitflow import feedback  # here: SQLAlchemy's import is 0.14 s that a no-op skips
+
+    outcome = feedback.export_pending(feedback.log_engine(project, params), project, params)
     for line in outcome.lines():
         get_run_logger().info("feedback: %s", line)
     return outcome.to_dict()
@@ -57,8 +58,11 @@ def settle_corrections(root: str) -> dict[str, int]:
     """Mark exported corrections by what the inbox did with their batch."""
     project = paths(Path(root))
     params = load_params(project.params)
-    engine = feedback.log_engine(project, params)
-    moved = feedback.reconcile(engine, project, params) if engine is not None else {}
+    if not project.has_prediction_log(params):
+        return {}
+    from digitflow import feedback
+
+    moved = feedback.reconcile(feedback.log_engine(project, params), project, params)
     if any(moved.values()):
         get_run_logger().info("corrections: %s", moved)
     return moved

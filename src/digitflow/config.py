@@ -440,6 +440,14 @@ class Paths:
             return override
         return f"sqlite:///{self.root / params.feedback.database}"
 
+    def has_prediction_log(self, params: Params) -> bool:
+        """Whether there is a prediction log to read: $DIGITFLOW_PREDICTION_DB is set, or the
+        SQLite file of params exists (it is created when something is first served)."""
+        return (
+            bool(os.environ.get(PREDICTION_DB_ENV))
+            or (self.root / params.feedback.database).exists()
+        )
+
 
 def paths(root: Path | None = None) -> Paths:
     """Paths under the given root, or under the discovered project root."""

@@ -16,7 +16,6 @@ on its way, never lost and never twice in the data.
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 from collections import Counter
@@ -382,13 +381,9 @@ def _version_key(version: str) -> tuple:
 def log_engine(paths: Paths, params: Params) -> Engine | None:
     """The prediction log, or None when it was never created (the default SQLite file is
     missing: nothing was ever served)."""
-    from .config import PREDICTION_DB_ENV
     from .predictionlog import open_log
 
-    if (
-        not os.environ.get(PREDICTION_DB_ENV)
-        and not (paths.root / params.feedback.database).exists()
-    ):
+    if not paths.has_prediction_log(params):
         return None
     return open_log(paths.prediction_db(params))
 
