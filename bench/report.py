@@ -1,7 +1,8 @@
 """The results table of docs/benchmarks.md and the README's timings, made from the newest JSON
 file of each benchmark on each CPU model it ran on.
 
-python bench/report.py            # print the table and the README's timings
+python bench/report.py            # print the tables and the README's timings
+python bench/report.py --goals    # print only the goals table: each goal, met or missed, by machine
 python bench/report.py --write    # put them into docs/benchmarks.md and README.md (between markers)
 python bench/report.py --check    # exit 1 when either holds something else
 """
@@ -10,12 +11,15 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from common import REPO, RESULTS
 from cores import ONE_CORE, ONE_CORE_TOLERANCE
 
 DOC = REPO / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- results:begin (bench/report.py --write) -->", "<!-- results:end -->"
+GOALS_BEGIN, GOALS_END = "<!-- goals:begin (bench/report.py --write) -->", "<!-- goals:end -->"
 README = REPO / "README.md"
 README_BEGIN = "<!-- timings:begin (bench/report.py --write) -->"
 README_END = "<!-- timings:end -->"
@@ -106,6 +110,145 @@ def cores_row(cores: dict) -> str:
         f"{len(slow)} of {len(trials)}; {'; '.join(parts)} | `python bench/cores.py` | "
         f"`{cores['file']}` ({machine_of(cores)}) |"
     )
+
+
+@dataclass(frozen=True)
+class Goal:
+    """A speed or accuracy goal: what it asks, the benchmark that measures it, the figure read
+    from that benchmark's file (None where an older file lacks it) and its bound."""
+
+    asks: str
+    prefix: str
+    figure: Callable[[dict], float | None]
+    bound: float
+    at_least: bool
+    shown: Callable[[float], str]
+
+    def met(self, value: float) -> bool:
+        return value >= self.bound if self.at_least else value <= self.bound
+
+
+def _nested(*keys: str) -> Callable[[dict], float | None]:
+    """Reads result[keys[0]][keys[1]]...; None where a level is missing."""
+
+    def read(result: dict) -> float | None:
+        value: object = result
+        for key in keys:
+            if not isinstance(value, dict) or key not in value:
+                return None
+            value = value[key]
+        return float(value) if isinstance(value, int | float) else None
+
+    return read
+
+
+def _three_seed_accuracy(result: dict) -> float | None:
+    return result["test_accuracy_mean"] if len(result.get("runs", [])) >= 3 else None
+
+
+GOALS = (
+    Goal(
+        "`digit_cnn` test accuracy, mean of 3 seeds, at least 0.996",
+        "accuracy-digit_cnn",
+        _three_seed_accuracy,
+        0.996,
+        True,
+        lambda value: f"{value:.4f}",
+    ),
+    Goal(
+        "`digit_cnn` training time (mean of the seeds) at most 4x the plain tutorial's 10-epoch fit, same run",
+        "accuracy-digit_cnn",
+        _nested("ratio_train_seconds_mean_over_tutorial_fit"),
+        4.0,
+        False,
+        lambda value: f"{value:.2f}x",
+    ),
+    Goal(
+        "training uses at least 90% of the cores, sampled over the fit",
+        "accuracy-digit_cnn",
+        _nested("cpu_utilisation_mean"),
+        0.90,
+        True,
+        lambda value: f"{100 * value:.1f}%",
+    ),
+    Goal(
+        "tutorial configuration through the flow on a running Prefect server, at most 1.10x "
+        "the plain script (at equal fit)",
+        "overhead",
+        _nested("ratio_at_equal_fit", "flow_server"),
+        1.10,
+        False,
+        lambda value: f"{value:.2f}x",
+    ),
+    Goal(
+        "tutorial configuration through `dvc repro`, at most 1.20x the plain script (at equal fit)",
+        "overhead",
+        _nested("ratio_at_equal_fit", "dvc"),
+        1.20,
+        False,
+        lambda value: f"{value:.2f}x",
+    ),
+    Goal(
+        "no-op flow run on a running Prefect server in at most 3 s",
+        "noop",
+        _nested("median_seconds", "flow_run_server"),
+        3.0,
+        False,
+        lambda value: f"{value:.2f} s",
+    ),
+    Goal(
+        "`digitflow serve`, 1 worker: 16 single-image clients get at least 4x one client's "
+        "requests/s",
+        "serving",
+        _nested("ratios", "1_worker_16_over_1_client_throughput"),
+        4.0,
+        True,
+        lambda value: f"{value:.2f}x",
+    ),
+    Goal(
+        "`digitflow serve`, 1 worker: p99 at 16 clients at most 10x one client's p50",
+        "serving",
+        _nested("ratios", "1_worker_16_client_p99_over_1_client_p50"),
+        10.0,
+        False,
+        lambda value: f"{value:.1f}x",
+    ),
+    Goal(
+        "64-image batches at least 1.25x `mlflow models serve` of the same model",
+        "serving",
+        _nested("ratios", "batch64_digitflow_over_mlflow"),
+        1.25,
+        True,
+        lambda value: f"{value:.2f}x",
+    ),
+    Goal(
+        "no failed request under load",
+        "serving",
+        _nested("failed_requests"),
+        0,
+        False,
+        lambda value: f"{value:.0f} failed",
+    ),
+)
+
+
+def goals_table() -> str:
+    """Each goal on each machine kind with a result file for it: the figure, met or missed."""
+    rows = [
+        "| goal | machine (date) | measured | verdict | result file |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for goal in GOALS:
+        for result in newest_each_kind(goal.prefix):
+            value = goal.figure(result)
+            if value is None:
+                continue
+            verdict = "met" if goal.met(value) else "**missed**"
+            rows.append(
+                f"| {goal.asks} | {machine_of(result)} | {goal.shown(value)} | {verdict} "
+                f"| `{result['file']}` |"
+            )
+    return "\n".join(rows) + "\n"
 
 
 def table() -> str:
@@ -274,7 +417,14 @@ def with_table(document: str, rows: str, begin: str = BEGIN, end: str = END) -> 
 
 
 def main(argv: list[str]) -> int:
-    targets = [(DOC, table(), BEGIN, END), (README, readme_timings(), README_BEGIN, README_END)]
+    if "--goals" in argv:
+        print(goals_table())
+        return 0
+    targets = [
+        (DOC, goals_table(), GOALS_BEGIN, GOALS_END),
+        (DOC, table(), BEGIN, END),
+        (README, readme_timings(), README_BEGIN, README_END),
+    ]
     stale = 0
     for document, text, begin, end in targets:
         current = document.read_text()

@@ -56,3 +56,36 @@ def test_cpu_generation_reads_the_first_cpus_family_and_model(tmp_path: Path) ->
     )
     assert common.cpu_generation(cpuinfo) == "family 25 model 1"
     assert common.cpu_generation(tmp_path / "absent") is None
+
+
+def test_goals_say_met_or_missed_from_each_kinds_newest_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    fast = {"cpu": "Intel(R) Xeon(R) Processor", "bf16_flags": ["amx_bf16"], "date": "2026-12-04"}
+    slow = {"cpu": "AMD EPYC", "bf16_flags": [], "date": "2026-12-04"}
+    for name, machine, seconds in (
+        ("noop-20261204-010000.json", fast, 2.5),
+        ("noop-20261204-020000.json", slow, 3.4),
+        ("noop-20261203-020000.json", slow, 2.0),  # older: the newest file of the kind counts
+    ):
+        figures = {"machine": machine, "median_seconds": {"flow_run_server": seconds}}
+        (tmp_path / name).write_text(json.dumps(figures))
+    (tmp_path / "noop-20261204-030000.json").write_text(  # an older format: no server figure
+        json.dumps({"machine": {"cpu": "Other CPU"}, "median_seconds": {"flow_run": 8.0}})
+    )
+
+    rows = [row for row in report.goals_table().splitlines() if "no-op flow run" in row]
+
+    assert len(rows) == 2
+    (intel,) = [row for row in rows if "Xeon" in row]
+    (amd,) = [row for row in rows if "AMD EPYC" in row]
+    assert "| 2.50 s | met |" in intel
+    assert "| 3.40 s | **missed** |" in amd and "noop-20261204-020000.json" in amd
+
+
+def test_a_goal_bound_counts_as_met_on_either_side_it_allows() -> None:
+    at_most = next(goal for goal in report.GOALS if goal.prefix == "noop")
+    at_least = next(goal for goal in report.GOALS if "0.996" in goal.asks)
+    assert at_most.met(3.0) and not at_most.met(3.01)
+    assert at_least.met(0.996) and not at_least.met(0.9959)
