@@ -48,12 +48,19 @@ Work = list[tuple[np.ndarray | None, list[bytes] | None]]
 START_TIMEOUT_S = 300  # spawning, importing TensorFlow and loading the model
 
 
-def within_pixel_budget(encoded: list[bytes], max_pixels: int) -> list[bytes]:
-    """A request's image files, once their pixels summed from the headers are checked (413)."""
+@contextlib.contextmanager
+def over_budget_as_413() -> Iterator[None]:
+    """A request over its pixel budget becomes HTTP 413, with the budget's message."""
     try:
-        check_pixel_budget(sum(pixel_count(data) for data in encoded), len(encoded), max_pixels)
+        yield
     except PixelBudgetError as exc:
         raise HTTPException(413, str(exc)) from None
+
+
+def within_pixel_budget(encoded: list[bytes], max_pixels: int) -> list[bytes]:
+    """A request's image files, once their pixels summed from the headers are checked (413)."""
+    with over_budget_as_413():
+        check_pixel_budget(sum(pixel_count(data) for data in encoded), len(encoded), max_pixels)
     return encoded
 
 
@@ -62,10 +69,8 @@ def prepare_within_budget(
 ) -> tuple[np.ndarray, list[str]]:
     """A request's files -> model inputs and per-image errors, after the pixel budget (413),
     each header read once for both."""
-    try:
+    with over_budget_as_413():
         return prepare_batch(encoded, ink, max_pixels)
-    except PixelBudgetError as exc:
-        raise HTTPException(413, str(exc)) from None
 
 
 @contextlib.contextmanager
