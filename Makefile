@@ -6,7 +6,7 @@ BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 UI_PORT ?= 5000
 
-.PHONY: help install run test test-fast deps lint format ui repro clean bench-overhead bench-throughput bench-cores bench-noop bench-validation bench-accuracy bench-serving bench-prediction-log bench-monitor bench-sweep mlflow-server
+.PHONY: help install run test test-fast deps lint format ui repro clean bench-overhead bench-throughput bench-cores bench-noop bench-validation bench-accuracy bench-serving bench-prediction-log bench-monitor bench-sweep bench-make-run mlflow-server
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -74,6 +74,9 @@ bench-noop: install  ## Cost of `dvc repro` and a flow run when nothing changed
 
 bench-validation: install  ## `digitflow validate` on all 70,000 images
 	python bench/validation_cost.py
+
+bench-make-run: install  ## README command 1 as a new user runs it: `make run` in a fresh clone, timed
+	python bench/make_run.py
 
 bench-accuracy: install  ## Test accuracy and training time over three seeds, both models
 	python bench/accuracy.py --preset digit_cnn --seeds 1 2 3
