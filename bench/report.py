@@ -161,7 +161,8 @@ GOALS = (
         lambda value: f"{value:.4f}",
     ),
     Goal(
-        "`digit_cnn` training time (mean of the seeds) at most 4x the plain tutorial's 10-epoch fit, same run",
+        "`digit_cnn` training time (mean of the seeds) at most 4x the plain tutorial's 10-epoch "
+        "fit, same run",
         "accuracy-digit_cnn",
         _nested("ratio_train_seconds_mean_over_tutorial_fit"),
         4.0,
