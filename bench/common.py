@@ -137,13 +137,19 @@ def mnist_source() -> list[str]:
     return ["--source", str(local)]
 
 
-def project_copy(name: str, overrides: dict | None = None) -> Path:
-    """A fresh clone of this repository under bench/.work/NAME with the dataset ingested."""
+def fresh_clone(name: str) -> Path:
+    """A fresh clone of this repository's HEAD at bench/.work/NAME (replacing one there)."""
     work = REPO / "bench" / ".work" / name
     if work.exists():
         shutil.rmtree(work)
     work.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run(["git", "clone", "-q", str(REPO), str(work)], check=True)
+    return work
+
+
+def project_copy(name: str, overrides: dict | None = None) -> Path:
+    """A fresh clone of this repository under bench/.work/NAME with the dataset ingested."""
+    work = fresh_clone(name)
     if overrides:
         apply_params(work / "params.yaml", overrides)
     timed(["digitflow", "ingest", *mnist_source()], work)

@@ -6,10 +6,11 @@ Clones this repository's HEAD into bench/.work/make-run and runs `make run` ther
 environment a new user has: the host's python3 (not this checkout's .venv), no MLflow, Prefect
 or digitflow settings except $DIGITFLOW_MNIST_SOURCE (made absolute; else this checkout's
 data/mnist after a `make run`, else the public mirrors). Its output streams through as it comes.
-The install takes packages from uv's cache where this machine has one (a new user's first install
-downloads them). Records the whole command's wall time, the pipeline's (from the summary it prints), the
-training's seconds, epochs and CPU use (reports/train_metrics.json), the test accuracy and the
-promotion (reports/last_run.json), and the time forecast printed after the first epoch.
+The install takes packages from uv's cache where this machine has one (a new user's first
+install downloads them). Records the whole command's wall time, the pipeline's (from the
+summary it prints), the training's seconds, epochs and CPU use (reports/train_metrics.json),
+the test accuracy and the promotion (reports/last_run.json), and the time forecast printed
+after the first epoch.
 """
 
 from __future__ import annotations
@@ -17,15 +18,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import REPO, write_result
+from common import REPO, fresh_clone, write_result
 
-WORK = REPO / "bench" / ".work" / "make-run"
 KEPT_SETTINGS = ("DIGITFLOW_MNIST_SOURCE",)
 SETTING_PREFIXES = ("DIGITFLOW_", "MLFLOW_", "PREFECT_", "VIRTUAL_ENV")
 PIPELINE_LINE = re.compile(r"pipeline finished in (\d+) s")
@@ -85,7 +84,7 @@ def figures_of(wall_s: float, output: str, clone: Path) -> dict:
         "wall_seconds": round(wall_s, 1),
         "wall_minutes": round(wall_s / 60, 1),
         "pipeline_seconds": pipeline_s,
-        "outside_pipeline_seconds": round(wall_s - pipeline_s, 1) if pipeline_s else None,
+        "outside_pipeline_seconds": None if pipeline_s is None else round(wall_s - pipeline_s, 1),
         "train_seconds": training["train_seconds"],
         "epochs_run": training["epochs_run"],
         "train_cpu_utilisation": training["cpu_utilisation"],
@@ -96,16 +95,13 @@ def figures_of(wall_s: float, output: str, clone: Path) -> dict:
 
 
 def main() -> None:
-    if WORK.exists():
-        shutil.rmtree(WORK)
-    WORK.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["git", "clone", "-q", str(REPO), str(WORK)], check=True)
+    work = fresh_clone("make-run")
     commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=WORK, capture_output=True, text=True
+        ["git", "rev-parse", "--short", "HEAD"], cwd=work, capture_output=True, text=True
     ).stdout.strip()
-    print(f"make run in a fresh clone of {commit} at {WORK}", flush=True)
-    wall_s, output = streamed(["make", "run"], WORK, new_user_environment())
-    figures = {"commit": commit, **figures_of(wall_s, output, WORK)}
+    print(f"make run in a fresh clone of {commit} at {work}", flush=True)
+    wall_s, output = streamed(["make", "run"], work, new_user_environment())
+    figures = {"commit": commit, **figures_of(wall_s, output, work)}
     write_result("make-run", figures)
     print(json.dumps(figures, indent=2))
 
