@@ -62,3 +62,15 @@ def test_cli_help_lists_stages() -> None:
     result = run(["digitflow", "--help"], REPO)
     for command in ("ingest", "validate"):
         assert command in result.stdout
+
+
+def test_serve_names_a_bad_feedback_rate_before_loading_a_model(tmp_path: Path) -> None:
+    """feedback.rate_limit is checked by the server (`limits` is too slow to import for every
+    command): `digitflow serve` refuses it first, in a project that has no model at all."""
+    (tmp_path / "params.yaml").write_text(
+        (REPO / "params.yaml").read_text().replace("rate_limit: 30/minute", "rate_limit: often", 1)
+    )
+    result = run(["digitflow", "serve", "--port", "1"], tmp_path, check=False)
+    assert result.returncode == 1
+    assert "feedback.rate_limit" in result.stdout and "'often'" in result.stdout
+    assert "cannot load the model" not in result.stdout

@@ -157,3 +157,18 @@ def test_every_project_error_becomes_a_message_not_a_traceback(tmp_path: Path) -
     result = CliRunner().invoke(app, ["preprocess", "--root", str(project.root)])
     assert result.exit_code == 1
     assert result.output.startswith("error: ") and "invalid parameters" in result.output
+
+
+def test_a_run_by_hand_has_no_heartbeats_and_keeps_every_other_setting() -> None:
+    from prefect.settings import get_current_settings
+
+    from digitflow.cli.stages import without_heartbeats
+
+    before = get_current_settings()
+    assert before.flows.heartbeat_frequency is not None  # Prefect's default: every 180 s
+    with without_heartbeats():
+        inside = get_current_settings()
+        assert inside.flows.heartbeat_frequency is None
+        changed = inside.model_copy(update={"flows": before.flows})
+        assert changed.model_dump() == before.model_dump()
+    assert get_current_settings().flows.heartbeat_frequency == before.flows.heartbeat_frequency

@@ -17,6 +17,7 @@ from rich.markup import escape
 from ..config import Params, Paths, load_params, paths
 from ..console import console
 from ..errors import DigitflowError
+from ..gcpolicy import long_lived_imports
 
 RootOption = Annotated[
     Path | None,
@@ -64,5 +65,6 @@ def load_flow(project: Paths, name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(f"digitflow_flows_{name}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    with long_lived_imports():
+        spec.loader.exec_module(module)
     return module

@@ -189,6 +189,7 @@ def serve(
         params = _with_serve(params, runtime=runtime)
     settings = params.serve
     bind_host, bind_port = host or settings.host, port or settings.port
+    access = _feedback_access(params, bind_host)  # a bad feedback setting fails before loading
     process_count = workers or settings.workers
     threads = model_threads(settings.model_threads, process_count)
     use_model_threads(threads, call_parts(threads, process_count))
@@ -212,7 +213,7 @@ def serve(
         serve_workers(f"{__name__}:worker_app", settings, bind_host, bind_port, process_count)
         return
     holder = _load_model(project, params, model_uri)
-    log_writer, access = _prediction_log(project, params, bind_host, log)
+    log_writer = _prediction_log(project, params, bind_host, access, log)
     console.print(
         f"drawing page: http://{bind_host}:{bind_port}/   API docs: http://{bind_host}:{bind_port}/docs"
     )
@@ -266,31 +267,37 @@ def worker_app():
     project, params = configured(Path(spec["root"]))
     params = _with_serve(params, model_process=spec["model_process"], runtime=spec["runtime"])
     holder = _load_model(project, params, spec["model_uri"])
-    log_writer, access = _prediction_log(project, params, spec["host"], spec["log"])
+    access = _feedback_access(params, spec["host"])
+    log_writer = _prediction_log(project, params, spec["host"], access, spec["log"])
     return create_app(holder, params.serve, log_writer, access)
 
 
-def _prediction_log(project, params: Params, host: str, wanted: bool):
-    """The log writer (None when --no-log or feedback.log_predictions is off) and who may send
-    feedback."""
-    from ..logwriter import LogWriter
+def _feedback_access(params: Params, host: str):
+    """Who may send corrections, and how often (a ConfigError for a bad feedback.rate_limit)."""
     from ..serving import FeedbackAccess, is_loopback
 
-    settings = params.feedback
     token = os.environ.get(FEEDBACK_TOKEN_ENV) or None
-    access = FeedbackAccess(token, is_loopback(host), settings.rate_limit)
+    with reported():
+        return FeedbackAccess(token, is_loopback(host), params.feedback.rate_limit)
+
+
+def _prediction_log(project, params: Params, host: str, access, wanted: bool):
+    """The log writer (None when --no-log or feedback.log_predictions is off)."""
+    from ..logwriter import LogWriter
+
+    settings = params.feedback
     if not (wanted and settings.log_predictions):
         console.print("prediction log: off; /feedback answers 503")
-        return None, access
+        return None
     url = project.prediction_db(params)
     log = LogWriter(url, settings.flush_interval_s, settings.queue_size, settings.retention_days)
     console.print(f"prediction log: {log.health()['database']}")
-    if token is None and not access.loopback:
+    if access.token is None and not access.loopback:
         errors.print(
             f"[yellow]warning:[/] listening on {host} without {FEEDBACK_TOKEN_ENV}: "
             "POST /feedback refuses corrections (403) until it is set"
         )
-    return log, access
+    return log
 
 
 @app.command(rich_help_panel=PANEL)
