@@ -32,7 +32,8 @@ def fewer_full_collections() -> None:
 
 @contextmanager
 def long_lived_imports() -> Iterator[None]:
-    """No collection while the block imports; its objects are frozen afterwards (gc.freeze)."""
+    """No collection while the block runs (it imports); then every object alive is frozen
+    (gc.freeze), out of later collections' sight. The collector's state before is restored."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
