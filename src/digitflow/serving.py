@@ -750,10 +750,19 @@ def serve(
         host=host,
         port=port,
         log_level="info",
-        limit_concurrency=limits.max_connections,
-        timeout_keep_alive=limits.keep_alive_s,
-        access_log=limits.access_log,
+        **uvicorn_options(limits),
     )
+
+
+def uvicorn_options(limits: ServeParams) -> dict:
+    """Uvicorn's settings for serve's connection limits and access log. Uvicorn answers 503
+    once the open connections reach `limit_concurrency`, the asking one counted: one more than
+    `serve.max_connections`, so that many clients are served at once."""
+    return {
+        "limit_concurrency": limits.max_connections + 1,
+        "timeout_keep_alive": limits.keep_alive_s,
+        "access_log": limits.access_log,
+    }
 
 
 def serve_workers(factory: str, limits: ServeParams, host: str, port: int, workers: int) -> None:
@@ -761,12 +770,13 @@ def serve_workers(factory: str, limits: ServeParams, host: str, port: int, worke
     its app with `factory` (an import string of a function returning the app)."""
     import os
 
+    options = uvicorn_options(limits)
     arguments = [
         sys.executable, "-m", "uvicorn", "--factory", factory,
         "--workers", str(workers), "--host", host, "--port", str(port),
-        "--limit-concurrency", str(limits.max_connections),
-        "--timeout-keep-alive", str(int(limits.keep_alive_s)),
-        "--access-log" if limits.access_log else "--no-access-log",
+        "--limit-concurrency", str(options["limit_concurrency"]),
+        "--timeout-keep-alive", str(int(options["timeout_keep_alive"])),
+        "--access-log" if options["access_log"] else "--no-access-log",
     ]  # fmt: skip
     sys.stdout.flush()
     os.execv(sys.executable, arguments)
