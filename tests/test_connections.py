@@ -25,8 +25,8 @@ async def answer_ok(scope, receive, send) -> None:
 
 
 @contextmanager
-def running(options: dict) -> Iterator[int]:
-    """Uvicorn serving answer_ok with `options` on a free port, in a thread; yields the port."""
+def running(options: dict) -> Iterator[uvicorn.Server]:
+    """Uvicorn serving answer_ok with `options` on a free port, in a thread."""
     port = free_port()
     config = uvicorn.Config(
         answer_ok, host="127.0.0.1", port=port, lifespan="off", log_level="warning", **options
@@ -39,36 +39,49 @@ def running(options: dict) -> Iterator[int]:
         assert time.monotonic() < deadline, "uvicorn did not start within 30 s"
         time.sleep(0.05)
     try:
-        yield port
+        yield server
     finally:
         server.should_exit = True
         thread.join(timeout=30)
 
 
-def status_on(connection: http.client.HTTPConnection) -> int:
+def until_open(server: uvicorn.Server, count: int) -> None:
+    """Until the server has accepted (or let go of) connections down to `count` open."""
+    deadline = time.monotonic() + 10
+    while len(server.server_state.connections) != count:
+        assert time.monotonic() < deadline, f"the server never had {count} connections open"
+        time.sleep(0.01)
+
+
+def status_on(connection: http.client.HTTPConnection) -> tuple[int, bytes]:
     connection.request("GET", "/")
     response = connection.getresponse()
-    response.read()
-    return response.status
+    return response.status, response.read()
 
 
 def test_max_connections_clients_are_served_at_once_and_one_more_gets_503() -> None:
     limits = load_params(REPO / "params.yaml").serve.model_copy(
         update={"max_connections": MAX_CONNECTIONS}
     )
-    with running(uvicorn_options(limits)) as port:
+    with running(uvicorn_options(limits)) as server:
         connections = [
-            http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            http.client.HTTPConnection("127.0.0.1", server.config.port, timeout=10)
             for _ in range(MAX_CONNECTIONS + 1)
         ]
         try:
             for connection in connections[:MAX_CONNECTIONS]:
                 connection.connect()
+            until_open(server, MAX_CONNECTIONS)
             served = [status_on(connection) for connection in connections[:MAX_CONNECTIONS]]
-            again = [status_on(connection) for connection in connections[:MAX_CONNECTIONS]]
+            assert served == [(200, b"ok")] * MAX_CONNECTIONS
+            connections[-1].connect()
+            until_open(server, MAX_CONNECTIONS + 1)
             one_more = status_on(connections[-1])
+            connections[-1].close()
+            until_open(server, MAX_CONNECTIONS)
+            after = [status_on(connection) for connection in connections[:MAX_CONNECTIONS]]
         finally:
             for connection in connections:
                 connection.close()
-    assert served == again == [200] * MAX_CONNECTIONS
-    assert one_more == 503
+    assert after == served
+    assert one_more == (503, b"Service Unavailable")
