@@ -24,6 +24,7 @@ def test_repository_params_are_valid() -> None:
         (("epochs: ", "epochs_typo: "), "train.epochs_typo"),
         (("min_accuracy: 0.97", "min_accuracy: high"), "promotion.min_accuracy"),
         (("batch_max_images: 8", "batch_max_images: 0"), "serve.batch_max_images"),
+        (("keep_alive_s: 5", "keep_alive_s: 0.5"), "serve.keep_alive_s"),
     ],
 )
 def test_bad_value_is_named(tmp_path: Path, edit: tuple[str, str], message: str) -> None:

@@ -144,7 +144,7 @@ class ServeParams(_Strict):
     runtime: ServeRuntime
     split_images: int = Field(ge=0)
     max_connections: int = Field(ge=1)
-    keep_alive_s: float = Field(gt=0)
+    keep_alive_s: int = Field(ge=1)  # whole seconds: uvicorn's setting is an integer
     read_timeout_s: float = Field(gt=0)
     access_log: bool
 

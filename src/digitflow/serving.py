@@ -775,7 +775,7 @@ def serve_workers(factory: str, limits: ServeParams, host: str, port: int, worke
         sys.executable, "-m", "uvicorn", "--factory", factory,
         "--workers", str(workers), "--host", host, "--port", str(port),
         "--limit-concurrency", str(options["limit_concurrency"]),
-        "--timeout-keep-alive", str(int(options["timeout_keep_alive"])),
+        "--timeout-keep-alive", str(options["timeout_keep_alive"]),
         "--access-log" if options["access_log"] else "--no-access-log",
     ]  # fmt: skip
     sys.stdout.flush()
