@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -74,4 +76,19 @@ def test_serve_names_a_bad_feedback_rate_before_loading_a_model(tmp_path: Path) 
     result = run(["digitflow", "serve", "--port", "1"], tmp_path, check=False)
     assert result.returncode == 1
     assert "feedback.rate_limit" in result.stdout and "'often'" in result.stdout
+    assert "cannot load the model" not in result.stdout
+
+
+def test_serve_names_a_port_in_use_before_loading_a_model(tmp_path: Path) -> None:
+    """Another server on the port: `digitflow serve` says so at once, in a project that has no
+    model at all (uvicorn would find out only after the model was loaded)."""
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run(["digitflow", "serve", "--port", str(port)], tmp_path, check=False)
+    assert result.returncode == 1, result.stdout
+    assert f"cannot serve on 127.0.0.1:{port}" in result.stdout
+    assert "another server is listening there" in result.stdout
     assert "cannot load the model" not in result.stdout

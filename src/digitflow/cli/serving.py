@@ -179,7 +179,13 @@ def serve(
     """HTTP API (POST /predict, POST /feedback, GET /health, /docs) and a drawing page at / for
     the champion; every answer is logged for corrections. Concurrent requests share model calls
     (serve.batch_wait_ms, serve.batch_max_images)."""
-    from ..serving import call_parts, model_threads, serve_workers, use_model_threads
+    from ..serving import (
+        call_parts,
+        check_address,
+        model_threads,
+        serve_workers,
+        use_model_threads,
+    )
     from ..serving import serve as run_server
 
     project, params = configured(root)
@@ -190,6 +196,8 @@ def serve(
     settings = params.serve
     bind_host, bind_port = host or settings.host, port or settings.port
     access = _feedback_access(params, bind_host)  # a bad feedback setting fails before loading
+    with reported():
+        check_address(bind_host, bind_port)  # so does a port another server holds
     process_count = workers or settings.workers
     threads = model_threads(settings.model_threads, process_count)
     use_model_threads(threads, call_parts(threads, process_count))
