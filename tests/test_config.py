@@ -79,6 +79,14 @@ def test_serve_names_a_bad_feedback_rate_before_loading_a_model(tmp_path: Path) 
     assert "cannot load the model" not in result.stdout
 
 
+@pytest.mark.parametrize("command", ["serve", "tracking-server"])
+def test_a_port_out_of_range_is_refused(tmp_path: Path, command: str) -> None:
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    result = run(["digitflow", command, "--port", "0"], tmp_path, check=False)
+    assert result.returncode == 2
+    assert "Invalid value for '--port'" in result.stderr, result.stderr
+
+
 def test_serve_names_a_port_in_use_before_loading_a_model(tmp_path: Path) -> None:
     """Another server on the port: `digitflow serve` says so at once, in a project that has no
     model at all (uvicorn would find out only after the model was loaded)."""

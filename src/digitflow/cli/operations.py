@@ -212,7 +212,7 @@ def tracking_server(
         typer.Option(help="Where the server stores artifacts (default: mlflow/served-artifacts)."),
     ] = None,
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port.")] = 5000,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port.")] = 5000,
     root: RootOption = None,
 ) -> None:
     """An MLflow tracking server on PostgreSQL with served artifacts (runs until stopped).

@@ -137,7 +137,9 @@ def serve(
     host: Annotated[
         str | None, typer.Option(help="Interface to bind (default: serve.host, 127.0.0.1).")
     ] = None,
-    port: Annotated[int | None, typer.Option(help="Port (default: serve.port).")] = None,
+    port: Annotated[
+        int | None, typer.Option(min=1, max=65535, help="Port (default: serve.port).")
+    ] = None,
     model_uri: Annotated[
         str | None,
         typer.Option(
@@ -194,7 +196,8 @@ def serve(
     if runtime is not None:
         params = _with_serve(params, runtime=runtime)
     settings = params.serve
-    bind_host, bind_port = host or settings.host, port or settings.port
+    bind_host = host or settings.host
+    bind_port = settings.port if port is None else port
     access = _feedback_access(params, bind_host)  # a bad feedback setting fails before loading
     with reported():
         check_address(bind_host, bind_port)  # so does a port another server holds
