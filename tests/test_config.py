@@ -87,16 +87,20 @@ def test_a_port_out_of_range_is_refused(tmp_path: Path, command: str) -> None:
     assert "Invalid value for '--port'" in result.stderr, result.stderr
 
 
-def test_serve_names_a_port_in_use_before_loading_a_model(tmp_path: Path) -> None:
-    """Another server on the port: `digitflow serve` says so at once, in a project that has no
-    model at all (uvicorn would find out only after the model was loaded)."""
+@pytest.mark.parametrize("command", ["serve", "tracking-server"])
+def test_a_port_in_use_is_named_before_any_work(tmp_path: Path, command: str) -> None:
+    """Another server on the port: the command says so at once. `serve` in a project that has
+    no model at all (uvicorn would find out only after the model was loaded); `tracking-server`
+    before it creates its artifact folder or reaches its store (mlflow would find out after
+    migrating the store)."""
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = run(["digitflow", "serve", "--port", str(port)], tmp_path, check=False)
+        result = run(["digitflow", command, "--port", str(port)], tmp_path, check=False)
     assert result.returncode == 1, result.stdout
     assert f"cannot serve on 127.0.0.1:{port}" in result.stdout
     assert "another server is listening there" in result.stdout
     assert "cannot load the model" not in result.stdout
+    assert not (tmp_path / "mlflow" / "served-artifacts").exists()

@@ -364,9 +364,10 @@ def test_without_a_token_feedback_is_refused_beyond_loopback(champion, tmp_path)
     from fastapi.testclient import TestClient
 
     from digitflow import tracking
+    from digitflow.addresses import is_loopback
     from digitflow.imaging import ink_settings
     from digitflow.inference import champion_uri
-    from digitflow.serving import FeedbackAccess, FixedModel, create_app, is_loopback
+    from digitflow.serving import FeedbackAccess, FixedModel, create_app
 
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4")

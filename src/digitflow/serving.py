@@ -13,7 +13,6 @@ import base64
 import binascii
 import gc
 import hmac
-import ipaddress
 import os
 import sys
 import threading
@@ -40,7 +39,6 @@ from . import inference, logwriter, predictionlog
 from .batching import Answer, Batcher, Prepare
 from .config import ConfigError, ServeParams
 from .decoding import DecodingProcesses
-from .errors import DigitflowError
 from .imaging import InkSettings, prepare_batch
 from .logwriter import LogWriter
 from .modelprocess import (
@@ -312,45 +310,6 @@ def rate_limit_item(rate: str) -> Any:
             f"feedback.rate_limit: expected a rate such as '30/minute' or '5 per second', "
             f"got {rate!r}"
         ) from None
-
-
-class AddressUnavailable(DigitflowError):
-    """The server cannot listen on the address asked for (another server has the port, a host
-    this machine does not have, a port it may not open)."""
-
-
-def check_address(host: str, port: int) -> None:
-    """AddressUnavailable, naming why, when the server could not listen on host:port. Checked
-    before any model is loaded: uvicorn would find out only after that, seconds later. The
-    probe binds as uvicorn does (SO_REUSEADDR) and lets go at once."""
-    import errno
-    import socket
-
-    where = f"{host}:{port}"
-    try:
-        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise AddressUnavailable(f"cannot serve on {where}: {exc.strerror}") from None
-    for family, kind, protocol, _, address in addresses:
-        with socket.socket(family, kind, protocol) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind(address)
-            except OSError as exc:
-                hint = ""
-                if exc.errno == errno.EADDRINUSE:
-                    hint = " (another server is listening there); choose another with --port"
-                raise AddressUnavailable(f"cannot serve on {where}: {exc.strerror}{hint}") from None
-
-
-def is_loopback(host: str) -> bool:
-    """True for 127.0.0.1, ::1, localhost and the rest of the loopback range."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 FEEDBACK_REFUSALS = {

@@ -219,6 +219,10 @@ def tracking_server(
 
     Point the pipeline at it with MLFLOW_TRACKING_URI=http://HOST:PORT.
     """
+    from ..addresses import check_address
+
+    with reported():
+        check_address(host, port)  # before mlflow migrates the store and then finds the port taken
     project = paths(root)
     destination = artifacts_destination or project.mlflow_dir / "served-artifacts"
     destination.mkdir(parents=True, exist_ok=True)

@@ -181,13 +181,8 @@ def serve(
     """HTTP API (POST /predict, POST /feedback, GET /health, /docs) and a drawing page at / for
     the champion; every answer is logged for corrections. Concurrent requests share model calls
     (serve.batch_wait_ms, serve.batch_max_images)."""
-    from ..serving import (
-        call_parts,
-        check_address,
-        model_threads,
-        serve_workers,
-        use_model_threads,
-    )
+    from ..addresses import check_address
+    from ..serving import call_parts, model_threads, serve_workers, use_model_threads
     from ..serving import serve as run_server
 
     project, params = configured(root)
@@ -285,7 +280,8 @@ def worker_app():
 
 def _feedback_access(params: Params, host: str):
     """Who may send corrections, and how often (a ConfigError for a bad feedback.rate_limit)."""
-    from ..serving import FeedbackAccess, is_loopback
+    from ..addresses import is_loopback
+    from ..serving import FeedbackAccess
 
     token = os.environ.get(FEEDBACK_TOKEN_ENV) or None
     with reported():
