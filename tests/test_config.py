@@ -67,6 +67,16 @@ def test_cli_help_lists_stages() -> None:
         assert command in result.stdout
 
 
+def test_cli_help_reflows_the_docstrings() -> None:
+    """A command's help is its docstring reflowed to the terminal: a sentence that crosses a
+    line break in the source reads as one line when the terminal is wide enough."""
+    wide = {"COLUMNS": "200", "TERMINAL_WIDTH": "200"}
+    monitor = run(["digitflow", "monitor", "--help"], REPO, env=wide).stdout
+    assert "logs both to a monitoring run in MLflow tagged with the champion version" in monitor
+    listing = run(["digitflow", "--help"], REPO, env=wide).stdout
+    assert "training data (embeddings, image statistics, predicted-class mix" in listing
+
+
 def test_serve_names_a_bad_feedback_rate_before_loading_a_model(tmp_path: Path) -> None:
     """feedback.rate_limit is checked by the server (`limits` is too slow to import for every
     command): `digitflow serve` refuses it first, in a project that has no model at all."""

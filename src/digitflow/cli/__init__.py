@@ -23,6 +23,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",  # docstrings reflowed to the terminal, lists as lists
 )
 for sub_app in (stages.app, registry.app, serving.app, feedback.app, operations.app):
     app.add_typer(sub_app)
