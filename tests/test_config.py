@@ -114,3 +114,16 @@ def test_a_port_in_use_is_named_before_any_work(tmp_path: Path, command: str) ->
     assert "another server is listening there" in result.stdout
     assert "cannot load the model" not in result.stdout
     assert not (tmp_path / "mlflow" / "served-artifacts").exists()
+
+
+def test_monitor_options_are_checked_as_params_yaml_is(tmp_path: Path) -> None:
+    """`digitflow monitor --window 0 --hours -1` is refused by name, as the same values in
+    params.yaml would be, before anything is read or written."""
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    result = run(["digitflow", "monitor", "--window", "0", "--hours", "-1"], tmp_path, check=False)
+    assert result.returncode == 1, result.stdout
+    assert (
+        "monitor.window_size: Input should be greater than or equal to 2 (got 0)" in result.stdout
+    )
+    assert "monitor.window_hours: Input should be greater than 0 (got -1" in result.stdout
+    assert not (tmp_path / "reports").exists()

@@ -253,10 +253,10 @@ class Params(_Strict):
     sweep: SweepParams
 
 
-def _format_errors(error: ValidationError) -> str:
+def _format_errors(error: ValidationError, prefix: str = "") -> str:
     lines = []
     for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"])
+        key = prefix + ".".join(str(part) for part in item["loc"])
         value = item.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
         lines.append(f"  {key}: {item['msg']}{shown}")
@@ -283,6 +283,19 @@ def load_params(path: Path | None = None) -> Params:
         return Params.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"{path}: invalid parameters\n{_format_errors(exc)}") from exc
+
+
+def with_settings(params: Params, section: str, **changes: object) -> Params:
+    """The params with these settings of one section changed (options on the command line),
+    checked as params.yaml is: ConfigError naming each bad value."""
+    current = getattr(params, section)
+    try:
+        updated = type(current).model_validate({**current.model_dump(), **changes})
+    except ValidationError as exc:
+        raise ConfigError(
+            f"invalid {section} setting\n{_format_errors(exc, prefix=section + '.')}"
+        ) from None
+    return params.model_copy(update={section: updated})
 
 
 def find_root(start: Path | None = None) -> Path:

@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from ..config import paths
+from ..config import paths, with_settings
 from ..console import console
 from .common import RootOption, configured, fail, load_flow, reported, setup
 
@@ -135,8 +135,8 @@ def monitor(
     project, params = configured(root)
     changes = {"window_size": window, "window_hours": hours}
     changes = {key: value for key, value in changes.items() if value is not None}
-    if changes:
-        params = params.model_copy(update={"monitor": params.monitor.model_copy(update=changes)})
+    with reported():
+        params = with_settings(params, "monitor", **changes)
     with console.status("checking the logged inputs against the training data ..."), reported():
         verdict = monitoring.monitor(project, params, log_to_mlflow=mlflow_run)
     if as_json:

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from ..config import FEEDBACK_TOKEN_ENV, WORKER_SPEC_ENV, Params, ServeRuntime
+from ..config import FEEDBACK_TOKEN_ENV, WORKER_SPEC_ENV, Params, ServeRuntime, with_settings
 from ..console import console, errors
 from ..tracking import guarded
 from .common import RootOption, configured, fail, reported
@@ -228,8 +228,7 @@ def serve(
 
 def _with_serve(params: Params, **settings: object) -> Params:
     """The params with these serve settings (from the command line, or for a worker)."""
-    serve_settings = params.serve.model_copy(update=settings)
-    return params.model_copy(update={"serve": serve_settings})
+    return with_settings(params, "serve", **settings)
 
 
 def _load_model(project, params: Params, model_uri: str | None):
