@@ -18,6 +18,7 @@ from pydantic import (
     model_validator,
 )
 
+from . import tfquiet
 from .errors import DigitflowError
 
 PARAMS_FILE = "params.yaml"
@@ -455,7 +456,8 @@ def paths(root: Path | None = None) -> Paths:
 
 
 def set_environment_defaults() -> None:
-    """Quiet telemetry and pick fast TensorFlow/Prefect settings, unless the user set them."""
+    """Quiet telemetry and pick fast TensorFlow/Prefect settings, unless the user set them; keep
+    TensorFlow's load-time oneDNN notice off stderr (tfquiet)."""
     defaults = {
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "DO_NOT_TRACK": "1",
@@ -470,3 +472,4 @@ def set_environment_defaults() -> None:
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
+    tfquiet.install()  # TensorFlow's load-time oneDNN notice ignores TF_CPP_MIN_LOG_LEVEL
