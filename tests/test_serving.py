@@ -9,6 +9,7 @@ import select
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -131,6 +132,42 @@ def test_pyfunc_model_on_raw_bytes_answers_like_the_cli(champion, photos):
     assert list(frame["digit"]) == [r["digit"] for r in cli]
     assert np.allclose(frame["probability"], [r["probability"] for r in cli], atol=1e-5)
     assert (frame["error"] == "").all()
+
+
+def test_the_champion_loads_where_pickle_is_refused(champion, photos) -> None:
+    """The registered model is logged from code, not pickled: it loads with MLflow set to
+    refuse pickles, answers as `digitflow predict` does, and carries the project's
+    preprocessing settings in its model_config."""
+    _, files, _ = photos
+    chosen = files[:12]
+    cli = json.loads(
+        run(["digitflow", "predict", "--json", *map(str, chosen)], champion.root).stdout
+    )
+    code = (
+        "import json, sys\n"
+        "import mlflow, pandas as pd\n"
+        "from digitflow import tracking\n"
+        "from digitflow.config import load_params, paths\n"
+        "project = paths()\n"
+        "params = load_params(project.params)\n"
+        "tracking.configure(project, params)\n"
+        "uri = f'models:/{params.mlflow.registered_model}@champion'\n"
+        "model = mlflow.pyfunc.load_model(uri)\n"
+        "images = [open(name, 'rb').read() for name in sys.argv[1:]]\n"
+        "frame = model.predict(pd.DataFrame({'image': images}))\n"
+        "print(json.dumps({'digits': frame['digit'].tolist(),\n"
+        "                  'ink': model.unwrap_python_model().ink}))\n"
+    )
+    loaded = run(
+        [sys.executable, "-c", code, *map(str, chosen)],
+        champion.root,
+        env={"MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"},
+    )
+    answer = json.loads(loaded.stdout.strip().splitlines()[-1])
+    assert answer["digits"] == [r["digit"] for r in cli]
+    params = load_params(champion.params)
+    assert answer["ink"]["threshold"] == params.imaging.ink_contrast_share
+    assert answer["ink"]["min_contrast"] == params.imaging.min_contrast
 
 
 def test_predict_without_a_champion_is_a_clear_error(project: Paths, photos) -> None:

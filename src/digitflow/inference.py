@@ -29,7 +29,11 @@ from .imaging import InkSettings, ink_settings, prepare_batch
 IMAGE_COLUMN = "image"
 PROBABILITY_COLUMNS = [f"p{digit}" for digit in range(NUM_CLASSES)]
 KERAS_ARTIFACT = "keras_model"
+INK_CONFIG = "ink"
+"""The logged model_config's key of the preprocessing settings (imaging.InkSettings)."""
 PACKAGE_DIR = Path(__file__).resolve().parent
+MODEL_CODE = PACKAGE_DIR / "logged_model.py"
+"""The file MLflow runs to load a logged version (models-from-code)."""
 
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("binary", IMAGE_COLUMN)]),
@@ -155,16 +159,21 @@ def top_k(row: pd.Series, k: int = 3) -> list[tuple[int, float]]:
 
 
 class DigitClassifier(mlflow.pyfunc.PythonModel):
-    """Raw image files in, digits out: MNIST preprocessing plus the trained Keras CNN."""
+    """Raw image files in, digits out: MNIST preprocessing plus the trained Keras CNN. Logged
+    from code (logged_model.py), its preprocessing settings in the version's model_config;
+    versions logged before that hold a pickled instance with `ink` set."""
 
-    def __init__(self, ink: InkSettings) -> None:
-        self.ink = asdict(ink)
+    def __init__(self, ink: InkSettings | None = None) -> None:
+        self.ink = asdict(ink) if ink is not None else None
         self.keras_model = None
 
     def load_context(self, context) -> None:
-        """Load the Keras model stored beside this wrapper."""
+        """Load the Keras model stored beside this wrapper, and the version's settings."""
         import keras
 
+        config = context.model_config or {}
+        if INK_CONFIG in config:
+            self.ink = dict(config[INK_CONFIG])
         self.keras_model = keras.models.load_model(context.artifacts[KERAS_ARTIFACT])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
@@ -199,7 +208,8 @@ def log_model(keras_file: Path, params: Params) -> str:
     warnings.filterwarnings("ignore", message=".*An input example was not provided")
     info = mlflow.pyfunc.log_model(
         name="model",
-        python_model=DigitClassifier(ink_settings(params.imaging)),
+        python_model=str(MODEL_CODE),
+        model_config={INK_CONFIG: asdict(ink_settings(params.imaging))},
         artifacts={KERAS_ARTIFACT: str(keras_file)},
         code_paths=[str(PACKAGE_DIR)],
         signature=SIGNATURE,
