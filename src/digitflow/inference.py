@@ -163,8 +163,8 @@ class DigitClassifier(mlflow.pyfunc.PythonModel):
     from code (logged_model.py), its preprocessing settings in the version's model_config;
     versions logged before that hold a pickled instance with `ink` set."""
 
-    def __init__(self, ink: InkSettings | None = None) -> None:
-        self.ink = asdict(ink) if ink is not None else None
+    def __init__(self) -> None:
+        self.ink: dict | None = None  # set by load_context (a pickled version brings its own)
         self.keras_model = None
 
     def load_context(self, context) -> None:
