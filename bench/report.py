@@ -409,29 +409,37 @@ def table() -> str:
 
 
 def readme_timings() -> str:
-    """The README's timings: training and serving, from the newest result files."""
-    lines = []
-    for accuracy in newest_each_kind("accuracy-digit_cnn"):
-        if "tutorial_reference" not in accuracy:
-            continue
-        lines.append(
-            f"Training the default `digit_cnn` on {described(accuracy['machine'], cores=True)}: "
-            f"{accuracy['train_seconds_mean'] / 60:.1f} minutes on average over "
-            f"{len(accuracy['runs'])} seeds, {accuracy['ratio_train_seconds_mean_over_tutorial_fit']:.1f}x "
-            f"the plain tutorial script's 10 epochs in the same run, for "
-            f"{accuracy['test_accuracy_mean']:.4f} test accuracy (`bench/results/{accuracy['file']}`)."
-        )
-    for serving in newest_each_kind("serving"):
-        if "load" not in serving:
-            continue
-        one = serving["load"]["1_worker"]["1 client x1"]
-        many = serving["load"]["1_worker"]["16 clients x1"]
-        lines.append(
-            f"`digitflow serve` on {kind_of(serving)}: one image in {latency_ms(one, 'p50')} "
-            f"(p50, one client); {many['requests_per_s']:.0f} requests/s from 16 concurrent "
-            f"clients (`bench/results/{serving['file']}`)."
-        )
-    return "\n".join(lines) + "\n"
+    """The README's timings: a row per machine kind, training from its newest `digit_cnn`
+    accuracy file and serving from its newest serving file, each figure linked to its file."""
+    trained = {
+        kind_of(result): result
+        for result in newest_each_kind("accuracy-digit_cnn")
+        if "tutorial_reference" in result
+    }
+    served = {kind_of(result): result for result in newest_each_kind("serving") if "load" in result}
+    rows = [
+        "| Machine, 2 cores | `digit_cnn` training, mean of the seeds | x the tutorial's fit "
+        "| test accuracy | `serve`: one image, p50 | 16 clients |",
+        "|---|---|---|---|---|---|",
+    ]
+    for kind in sorted(trained.keys() | served.keys()):
+        training = ["not measured"] * 3
+        if kind in trained:
+            result = trained[kind]
+            training = [
+                f"[{result['train_seconds_mean'] / 60:.1f} min](bench/results/{result['file']})",
+                f"{result['ratio_train_seconds_mean_over_tutorial_fit']:.1f}x",
+                f"{result['test_accuracy_mean']:.4f}",
+            ]
+        serving = ["not measured"] * 2
+        if kind in served:
+            load = served[kind]["load"]["1_worker"]
+            serving = [
+                f"[{latency_ms(load['1 client x1'], 'p50')}](bench/results/{served[kind]['file']})",
+                f"{load['16 clients x1']['requests_per_s']:.0f} requests/s",
+            ]
+        rows.append("| " + " | ".join([kind, *training, *serving]) + " |")
+    return "\n".join(rows) + "\n"
 
 
 def with_table(document: str, rows: str, begin: str = BEGIN, end: str = END) -> str:

@@ -89,3 +89,41 @@ def test_a_goal_bound_counts_as_met_on_either_side_it_allows() -> None:
     at_least = next(goal for goal in report.GOALS if "0.996" in goal.asks)
     assert at_most.met(3.0) and not at_most.met(3.01)
     assert at_least.met(0.996) and not at_least.met(0.9959)
+
+
+def test_readme_timings_have_a_row_per_kind_and_say_what_was_not_measured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    trained = {"cpu": "AMD EPYC", "bf16_flags": [], "date": "2026-12-04"}
+    served_only = {"cpu": "Intel(R) Xeon(R) Processor", "bf16_flags": ["avx512_bf16"]}
+    (tmp_path / "accuracy-digit_cnn-20261204-010000.json").write_text(
+        json.dumps(
+            {
+                "machine": trained,
+                "tutorial_reference": {"fit_seconds": 100.0},
+                "train_seconds_mean": 390.0,
+                "ratio_train_seconds_mean_over_tutorial_fit": 3.9,
+                "test_accuracy_mean": 0.99613,
+            }
+        )
+    )
+    one_client = {"requests_per_s": 400.0, "p50_ms": 3, "p50_ms_exact": 2.54}
+    many = {"requests_per_s": 1234.4, "p50_ms": 12}
+    (tmp_path / "serving-20261204-020000.json").write_text(
+        json.dumps(
+            {
+                "machine": served_only,
+                "load": {"1_worker": {"1 client x1": one_client, "16 clients x1": many}},
+            }
+        )
+    )
+
+    rows = report.readme_timings().splitlines()[2:]
+
+    assert rows == [
+        "| AMD EPYC (no bf16 flags) | [6.5 min](bench/results/accuracy-digit_cnn-20261204-010000.json)"
+        " | 3.9x | 0.9961 | not measured | not measured |",
+        "| Intel(R) Xeon(R) Processor (avx512_bf16) | not measured | not measured | not measured"
+        " | [2.5 ms](bench/results/serving-20261204-020000.json) | 1234 requests/s |",
+    ]

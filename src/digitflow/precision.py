@@ -1,11 +1,13 @@
-"""Numeric precision of training: bfloat16 mixed precision where the CPU computes bfloat16
-natively with AVX-512 BF16 and it was measured to pay, float32 elsewhere.
+"""Numeric precision of training: bfloat16 mixed precision where the CPU was measured to gain
+from it, float32 elsewhere.
 
-`train.precision: auto` reads the CPU's flags at run time; `float32` and `bfloat16` force one.
-On the AMD EPYC (AVX-512 BF16, no AMX) bfloat16 took 13% less training time for the same
-accuracy. On the Intel Xeon with AMX the default recipe took the same time in both (337 s
-against 339 s) and scored lower in bfloat16 on each of three seeds (0.9958 mean against
-0.9964), so `auto` keeps float32 where AMX is present (docs/benchmarks.md).
+`train.precision: auto` reads the CPU at run time: bfloat16 on an AMD CPU with AVX-512 BF16,
+float32 on every other. On the AMD EPYC with AVX-512 BF16 bfloat16 took 13% less training time
+for the same accuracy. On the Intel Xeons it never paid: with AMX the default recipe took the
+same time in both (337 s against 339 s) and scored lower in bfloat16 on each of three seeds
+(0.9958 mean against 0.9964); where the host hides AMX but lists AVX-512 BF16, 3-epoch fits
+took 83-84 s in bfloat16 against 60-63 s in float32 (docs/benchmarks.md). Without either flag
+bfloat16 is emulated, 2.4 times slower.
 Under bfloat16, layers compute in bfloat16 and keep float32 weights (Keras's
 "mixed_bfloat16" policy); the output layer stays float32, so the probabilities and the loss do.
 """
@@ -20,29 +22,44 @@ from typing import Literal
 Precision = Literal["float32", "bfloat16"]
 # /proc/cpuinfo flags of CPUs that compute bfloat16 in hardware.
 BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
-# Of those, the ones where `auto` still trains in float32 (no time saved, accuracy lost).
-FLOAT32_DESPITE_FLAGS = frozenset({"amx_bf16"})
+# The flag `auto` trains in bfloat16 on, and the CPU vendors where that was measured to pay.
+BF16_PAYING_FLAG = "avx512_bf16"
+BF16_PAYING_VENDORS = frozenset({"AuthenticAMD"})
 CPUINFO = Path("/proc/cpuinfo")
 KERAS_POLICY: dict[Precision, str] = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
 
 
-def cpu_flags(cpuinfo: Path = CPUINFO) -> frozenset[str]:
-    """The feature flags of the first CPU in a /proc/cpuinfo file (empty where there is none,
+def _first_cpu_field(name: str, cpuinfo: Path) -> str:
+    """The value of the first CPU's `name` line in a /proc/cpuinfo file ("" where there is none,
     as off Linux)."""
     if not cpuinfo.is_file():
-        return frozenset()
+        return ""
     for line in cpuinfo.read_text().splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
+        key, _, value = line.partition(":")
+        if key.strip() == name:
+            return value.strip()
+    return ""
 
 
-def resolve(setting: str, flags: frozenset[str] | None = None) -> Precision:
+def cpu_flags(cpuinfo: Path = CPUINFO) -> frozenset[str]:
+    """The feature flags of the first CPU in a /proc/cpuinfo file."""
+    return frozenset(_first_cpu_field("flags", cpuinfo).split())
+
+
+def cpu_vendor(cpuinfo: Path = CPUINFO) -> str:
+    """The first CPU's vendor id ("GenuineIntel", "AuthenticAMD"; "" where unknown)."""
+    return _first_cpu_field("vendor_id", cpuinfo)
+
+
+def resolve(
+    setting: str, flags: frozenset[str] | None = None, vendor: str | None = None
+) -> Precision:
     """The precision to train in: `setting` itself, or for "auto" bfloat16 when the CPU has
-    any of BF16_FLAGS and none of FLOAT32_DESPITE_FLAGS, float32 otherwise."""
+    BF16_PAYING_FLAG and comes from one of BF16_PAYING_VENDORS, float32 otherwise."""
     if setting == "auto":
         present = cpu_flags() if flags is None else flags
-        pays = bool(present & BF16_FLAGS) and not present & FLOAT32_DESPITE_FLAGS
+        maker = cpu_vendor() if vendor is None else vendor
+        pays = BF16_PAYING_FLAG in present and maker in BF16_PAYING_VENDORS
         return "bfloat16" if pays else "float32"
     if setting not in KERAS_POLICY:
         raise ValueError(f"unknown precision {setting!r}: auto, float32 or bfloat16")
