@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
-from digitflow.precision import BF16_FLAGS, cpu_flags
+from digitflow.precision import BF16_FLAGS, CPUINFO, cpu_flags, first_cpu_fields
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -35,22 +35,6 @@ TUTORIAL = {
     "train.steps_per_execution": 1,
 }
 PACKAGES = ("tensorflow-cpu", "keras", "prefect", "mlflow", "dvc", "great-expectations", "numpy")
-
-
-CPUINFO = Path("/proc/cpuinfo")
-
-
-def first_cpu_fields(cpuinfo: Path = CPUINFO) -> dict[str, str]:
-    """The first CPU's 'key: value' fields in /proc/cpuinfo (empty where there is none)."""
-    fields: dict[str, str] = {}
-    if not cpuinfo.is_file():
-        return fields
-    for line in cpuinfo.read_text().splitlines():
-        if not line.strip():
-            break  # the first CPU's block ends at its blank line
-        key, _, value = line.partition(":")
-        fields[key.strip()] = value.strip()
-    return fields
 
 
 def cpu_model() -> str:

@@ -418,11 +418,12 @@ def readme_timings() -> str:
     }
     served = {kind_of(result): result for result in newest_each_kind("serving") if "load" in result}
     rows = [
-        "| Machine, 2 cores | `digit_cnn` training, mean of the seeds | x the tutorial's fit "
+        "| Machine | `digit_cnn` training, mean of the seeds | x the tutorial's fit "
         "| test accuracy | `serve`: one image, p50 | 16 clients |",
         "|---|---|---|---|---|---|",
     ]
     for kind in sorted(trained.keys() | served.keys()):
+        machine = (trained.get(kind) or served[kind])["machine"]
         training = ["not measured"] * 3
         if kind in trained:
             result = trained[kind]
@@ -438,7 +439,7 @@ def readme_timings() -> str:
                 f"[{latency_ms(load['1 client x1'], 'p50')}](bench/results/{served[kind]['file']})",
                 f"{load['16 clients x1']['requests_per_s']:.0f} requests/s",
             ]
-        rows.append("| " + " | ".join([kind, *training, *serving]) + " |")
+        rows.append("| " + " | ".join([described(machine, cores=True), *training, *serving]) + " |")
     return "\n".join(rows) + "\n"
 
 

@@ -96,7 +96,7 @@ def test_readme_timings_have_a_row_per_kind_and_say_what_was_not_measured(
 ) -> None:
     monkeypatch.setattr(report, "RESULTS", tmp_path)
     trained = {"cpu": "AMD EPYC", "bf16_flags": [], "date": "2026-12-04"}
-    served_only = {"cpu": "Intel(R) Xeon(R) Processor", "bf16_flags": ["avx512_bf16"]}
+    served_only = {"cpu": "Intel(R) Xeon(R) Processor", "bf16_flags": ["avx512_bf16"], "cpus": 4}
     (tmp_path / "accuracy-digit_cnn-20261204-010000.json").write_text(
         json.dumps(
             {
@@ -124,6 +124,7 @@ def test_readme_timings_have_a_row_per_kind_and_say_what_was_not_measured(
     assert rows == [
         "| AMD EPYC (no bf16 flags) | [6.5 min](bench/results/accuracy-digit_cnn-20261204-010000.json)"
         " | 3.9x | 0.9961 | not measured | not measured |",
-        "| Intel(R) Xeon(R) Processor (avx512_bf16) | not measured | not measured | not measured"
+        "| Intel(R) Xeon(R) Processor (avx512_bf16, 4 cores) | not measured | not measured"
+        " | not measured"
         " | [2.5 ms](bench/results/serving-20261204-020000.json) | 1234 requests/s |",
     ]

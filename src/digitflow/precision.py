@@ -29,26 +29,28 @@ CPUINFO = Path("/proc/cpuinfo")
 KERAS_POLICY: dict[Precision, str] = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
 
 
-def _first_cpu_field(name: str, cpuinfo: Path) -> str:
-    """The value of the first CPU's `name` line in a /proc/cpuinfo file ("" where there is none,
+def first_cpu_fields(cpuinfo: Path = CPUINFO) -> dict[str, str]:
+    """The first CPU's 'key: value' fields in a /proc/cpuinfo file (empty where there is none,
     as off Linux)."""
+    fields: dict[str, str] = {}
     if not cpuinfo.is_file():
-        return ""
+        return fields
     for line in cpuinfo.read_text().splitlines():
+        if not line.strip():
+            break  # the first CPU's block ends at its blank line
         key, _, value = line.partition(":")
-        if key.strip() == name:
-            return value.strip()
-    return ""
+        fields[key.strip()] = value.strip()
+    return fields
 
 
 def cpu_flags(cpuinfo: Path = CPUINFO) -> frozenset[str]:
     """The feature flags of the first CPU in a /proc/cpuinfo file."""
-    return frozenset(_first_cpu_field("flags", cpuinfo).split())
+    return frozenset(first_cpu_fields(cpuinfo).get("flags", "").split())
 
 
 def cpu_vendor(cpuinfo: Path = CPUINFO) -> str:
     """The first CPU's vendor id ("GenuineIntel", "AuthenticAMD"; "" where unknown)."""
-    return _first_cpu_field("vendor_id", cpuinfo)
+    return first_cpu_fields(cpuinfo).get("vendor_id", "")
 
 
 def resolve(
@@ -57,8 +59,9 @@ def resolve(
     """The precision to train in: `setting` itself, or for "auto" bfloat16 when the CPU has
     BF16_PAYING_FLAG and comes from one of BF16_PAYING_VENDORS, float32 otherwise."""
     if setting == "auto":
-        present = cpu_flags() if flags is None else flags
-        maker = cpu_vendor() if vendor is None else vendor
+        fields = first_cpu_fields() if flags is None or vendor is None else {}
+        present = frozenset(fields.get("flags", "").split()) if flags is None else flags
+        maker = fields.get("vendor_id", "") if vendor is None else vendor
         pays = BF16_PAYING_FLAG in present and maker in BF16_PAYING_VENDORS
         return "bfloat16" if pays else "float32"
     if setting not in KERAS_POLICY:
