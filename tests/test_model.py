@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from digitflow.config import ModelParams, Paths, TrainParams
-from digitflow.preprocess import load_split, preprocess, stratified_subset
+from digitflow.preprocess import load_split, preprocess, stratified_split, stratified_subset
 
 TUTORIAL_LAYERS = [
     ("Conv2D", 320),
@@ -79,6 +79,19 @@ def test_stratified_subset_keeps_class_balance() -> None:
     assert stratified_subset(labels, None, seed=1).tolist() == list(range(len(labels)))
 
 
+def test_stratified_split_holds_out_each_class_in_proportion() -> None:
+    labels = np.repeat(np.arange(3), [7, 5, 3])  # 15 items; holding out 4 leaves remainders
+    kept, held = stratified_split(labels, 4, seed=3)
+    assert sorted([*kept, *held]) == list(range(15)) and len(held) == 4
+    shares = np.bincount(labels[held], minlength=3)
+    assert np.all(np.abs(shares - np.bincount(labels) * 4 / 15) < 1)  # floor or ceil of each share
+    assert stratified_split(labels, 4, seed=3)[1].tolist() == held.tolist()  # same seed, same draw
+    draws = {tuple(stratified_split(labels, 4, seed=s)[1]) for s in range(20)}
+    assert len(draws) > 1
+    with pytest.raises(ValueError, match="cannot hold out 16 of 15"):
+        stratified_split(labels, 16, seed=3)
+
+
 def test_preprocess_never_takes_validation_from_test(tmp_path, ingested: Paths, params) -> None:
     from conftest import make_project
 
@@ -91,7 +104,9 @@ def test_preprocess_never_takes_validation_from_test(tmp_path, ingested: Paths, 
     assert sizes == {"train": 800, "val": 200, "test": 200, "recent": 0}
     splits = {name: load_split(project, name) for name in ("train", "val", "test")}
     assert splits["train"].x.shape == (800, 28, 28, 1) and splits["train"].x.dtype == np.float32
-    assert splits["train"].x.min() >= 0.0 and splits["train"].x.max() <= 1.0
+    assert splits["train"].x.min() >= 0.0 and splits["train"].x.max() == 1.0
+    with np.load(project.processed / "train.npz") as stored:  # pixels as the archives hold them
+        assert stored["x"].dtype == np.uint8 and stored["x"].shape == (800, 28, 28)
     flat = {name: {row.tobytes() for row in s.x} for name, s in splits.items()}
     assert not flat["val"] & flat["test"] and not flat["train"] & flat["test"]
     assert not flat["train"] & flat["val"]
