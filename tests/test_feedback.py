@@ -36,7 +36,7 @@ from digitflow.dataset import pixel_hashes, read_batch_file, stored_batches
 from digitflow.idx import read_images, read_labels
 from digitflow.imaging import encode_png
 from digitflow.inbox import stored_form
-from digitflow.logwriter import LogWriter, answers
+from digitflow.logwriter import LogWriter, answers, packed, unpacked
 from digitflow.versioning import data_hash
 
 # ---------------------------------------------------------------- helpers
@@ -216,6 +216,31 @@ def test_the_writer_process_writes_what_the_server_answered_and_drops_past_the_q
         assert row["file_sha256"] == hashlib.sha256(f"file {index}".encode()).hexdigest()
         assert plog.image_array(row["image"])[4 + index, 10] == 255
         assert row["latency_ms"] == 1.5 and row["source"] == "api"
+
+
+def test_a_buffer_reaches_the_writer_as_it_was_recorded() -> None:
+    """Requests of 2, 1 and 3 images, joined into two arrays for the pipe and split back."""
+    import pickle
+
+    rng = np.random.default_rng(0)
+    buffer = [
+        answers(
+            rng.random((count, 10), dtype=np.float32),
+            rng.random((count, 28, 28, 1), dtype=np.float32),
+            [f"file {count}-{index}".encode() for index in range(count)],
+            ("m", str(count)),
+            "page" if count == 1 else "api",
+            None if count == 3 else "127.0.0.1",
+            float(count),
+        )
+        for count in (2, 1, 3)
+    ]
+    back = unpacked(pickle.loads(pickle.dumps(packed(buffer))))
+    assert len(back) == 3
+    for sent, received in zip(buffer, back, strict=True):
+        assert np.array_equal(sent.probabilities, received.probabilities)
+        assert np.array_equal(sent.inputs, received.inputs)
+        assert (sent.ids, *sent[3:]) == (received.ids, *received[3:])
 
 
 def test_an_image_that_failed_gets_no_id_and_no_row(tmp_path: Path) -> None:
