@@ -43,14 +43,24 @@ def first_cpu_fields(cpuinfo: Path = CPUINFO) -> dict[str, str]:
     return fields
 
 
+def flags_of(fields: dict[str, str]) -> frozenset[str]:
+    """The feature flags among a CPU's fields (first_cpu_fields)."""
+    return frozenset(fields.get("flags", "").split())
+
+
+def vendor_of(fields: dict[str, str]) -> str:
+    """The vendor id among a CPU's fields ("GenuineIntel", "AuthenticAMD"; "" where unknown)."""
+    return fields.get("vendor_id", "")
+
+
 def cpu_flags(cpuinfo: Path = CPUINFO) -> frozenset[str]:
     """The feature flags of the first CPU in a /proc/cpuinfo file."""
-    return frozenset(first_cpu_fields(cpuinfo).get("flags", "").split())
+    return flags_of(first_cpu_fields(cpuinfo))
 
 
 def cpu_vendor(cpuinfo: Path = CPUINFO) -> str:
-    """The first CPU's vendor id ("GenuineIntel", "AuthenticAMD"; "" where unknown)."""
-    return first_cpu_fields(cpuinfo).get("vendor_id", "")
+    """The first CPU's vendor id in a /proc/cpuinfo file."""
+    return vendor_of(first_cpu_fields(cpuinfo))
 
 
 def resolve(
@@ -60,8 +70,8 @@ def resolve(
     BF16_PAYING_FLAG and comes from one of BF16_PAYING_VENDORS, float32 otherwise."""
     if setting == "auto":
         fields = first_cpu_fields() if flags is None or vendor is None else {}
-        present = frozenset(fields.get("flags", "").split()) if flags is None else flags
-        maker = fields.get("vendor_id", "") if vendor is None else vendor
+        present = flags_of(fields) if flags is None else flags
+        maker = vendor_of(fields) if vendor is None else vendor
         pays = BF16_PAYING_FLAG in present and maker in BF16_PAYING_VENDORS
         return "bfloat16" if pays else "float32"
     if setting not in KERAS_POLICY:
