@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +36,7 @@ from digitflow.dataset import pixel_hashes, read_batch_file, stored_batches
 from digitflow.idx import read_images, read_labels
 from digitflow.imaging import encode_png
 from digitflow.inbox import stored_form
-from digitflow.logwriter import LogWriter, answers, packed, unpacked
+from digitflow.logwriter import LogWriter, answers, packed, rows_of
 from digitflow.versioning import data_hash
 
 # ---------------------------------------------------------------- helpers
@@ -218,29 +218,40 @@ def test_the_writer_process_writes_what_the_server_answered_and_drops_past_the_q
         assert row["latency_ms"] == 1.5 and row["source"] == "api"
 
 
-def test_a_buffer_reaches_the_writer_as_it_was_recorded() -> None:
-    """Requests of 2, 1 and 3 images, joined into two arrays for the pipe and split back."""
+def test_a_buffer_reaches_the_log_as_each_request_would_have_been_logged() -> None:
+    """Requests of 2, 1 and 3 images (one that failed), joined into two arrays for the pipe:
+    the writer's rows, built a column at a time, are those `entries` makes request by request."""
     import pickle
 
     rng = np.random.default_rng(0)
-    buffer = [
-        answers(
-            rng.random((count, 10), dtype=np.float32),
-            rng.random((count, 28, 28, 1), dtype=np.float32),
-            [f"file {count}-{index}".encode() for index in range(count)],
-            ("m", str(count)),
-            "page" if count == 1 else "api",
-            None if count == 3 else "127.0.0.1",
-            float(count),
+    buffer = []
+    for count in (2, 1, 3):
+        probabilities = rng.random((count, 10), dtype=np.float32)
+        if count == 3:
+            probabilities[1] = np.nan  # an image that could not be prepared
+        buffer.append(
+            answers(
+                probabilities,
+                rng.random((count, 28, 28, 1), dtype=np.float32),
+                [f"file {count}-{index}".encode() for index in range(count)],
+                ("m", str(count)),
+                "page" if count == 1 else "api",
+                None if count == 3 else "127.0.0.1",
+                float(count),
+            )
         )
-        for count in (2, 1, 3)
+    written = rows_of(pickle.loads(pickle.dumps(packed(buffer))))
+    expected = [
+        entry.row()
+        for item in buffer
+        for entry in plog.entries(
+            *item[1:8],
+            ids=item.ids,
+            stamp=datetime.fromtimestamp(item.answered_at, UTC).replace(tzinfo=None),
+        )
     ]
-    back = unpacked(pickle.loads(pickle.dumps(packed(buffer))))
-    assert len(back) == 3
-    for sent, received in zip(buffer, back, strict=True):
-        assert np.array_equal(sent.probabilities, received.probabilities)
-        assert np.array_equal(sent.inputs, received.inputs)
-        assert (sent.ids, *sent[3:]) == (received.ids, *received[3:])
+    assert len(written) == 5 and written == expected
+    assert [row["id"] for row in written] == [i for item in buffer for i in item.ids]
 
 
 def test_an_image_that_failed_gets_no_id_and_no_row(tmp_path: Path) -> None:

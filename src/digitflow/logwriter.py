@@ -85,36 +85,26 @@ def packed(buffer: list[Answers]) -> Packed:
     return others, probabilities, inputs
 
 
-def unpacked(columns: Packed) -> list[Answers]:
-    """In the writer process: the buffer `packed` was given."""
+def rows_of(columns: Packed) -> list[dict[str, Any]]:
+    """In the writer process: the log's rows of a packed buffer, with the ids the answers were
+    given, built from its joined arrays a column at a time (predictionlog.rows)."""
     others, probabilities, inputs = columns
-    buffer, start = [], 0
-    for ids, contents, *rest in others:
-        stop = start + len(contents)
-        buffer.append(Answers(ids, probabilities[start:stop], inputs[start:stop], contents, *rest))
-        start = stop
-    return buffer
-
-
-def rows_of(buffer: list[Answers]) -> list[predictionlog.LoggedPrediction]:
-    """The log entries of buffered answers, with the ids the answers were given."""
-    logged = []
-    for item in buffer:
-        stamp = datetime.fromtimestamp(item.answered_at, UTC).replace(tzinfo=None)
-        logged.extend(
-            predictionlog.entries(
-                item.probabilities,
-                item.inputs,
-                item.contents,
-                item.model,
-                item.source,
-                item.client,
-                item.latency_ms,
-                ids=item.ids,
-                stamp=stamp,
-            )
-        )
-    return logged
+    ids: list[str] = []
+    contents: list[bytes] = []
+    asked: list[dict[str, Any]] = []
+    for request_ids, files, model, source, client, latency_ms, answered_at in others:
+        shared = {
+            "model_name": model[0],
+            "model_version": model[1],
+            "source": source,
+            "client": client,
+            "latency_ms": latency_ms,
+            "created_at": datetime.fromtimestamp(answered_at, UTC).replace(tzinfo=None),
+        }
+        ids.extend(request_ids)
+        contents.extend(files)
+        asked.extend([shared] * len(files))
+    return predictionlog.rows(probabilities, inputs, contents, ids, asked)
 
 
 def _error_text(exc: BaseException) -> str:
@@ -122,14 +112,14 @@ def _error_text(exc: BaseException) -> str:
     return f"{exc.__class__.__name__}: {lines[0][:300] if lines else ''}"
 
 
-def _write(engine, buffer: list[Answers], schema_ready: bool) -> tuple[Outcome, bool]:
-    """Write one buffer; never raises (a failure is counted in the outcome)."""
-    count = sum(len(item.ids) for item in buffer)
+def _write(engine, columns: Packed, schema_ready: bool) -> tuple[Outcome, bool]:
+    """Write one packed buffer; never raises (a failure is counted in the outcome)."""
+    count = sum(len(request_ids) for request_ids, *_ in columns[0])
     try:
         if not schema_ready:
             predictionlog.ensure_schema(engine)
             schema_ready = True
-        predictionlog.write_predictions(engine, rows_of(buffer))
+        predictionlog.write_rows(engine, rows_of(columns))
         return Outcome(count, 0, ""), schema_ready
     except Exception as exc:  # never fail a prediction over its log entry
         return Outcome(0, count, _error_text(exc)), schema_ready
@@ -167,7 +157,7 @@ def _write_log(conn: Connection, url: str, retention_days: float) -> None:
             columns = conn.recv()
             if columns is None:
                 return
-            outcome, schema_ready = _write(engine, unpacked(columns), schema_ready)
+            outcome, schema_ready = _write(engine, columns, schema_ready)
             conn.send(outcome)
     except (EOFError, OSError):  # the server is gone
         return

@@ -13,8 +13,7 @@ own, so that a request never waits for the database.
 from __future__ import annotations
 
 import hashlib
-import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import sqlalchemy as sa
 import uuid6
 from sqlalchemy.engine import Engine
@@ -90,7 +90,22 @@ def new_id() -> str:
 
 def image_bytes(prepared: np.ndarray) -> bytes:
     """The model's 28x28 input (floats 0..1) as 784 bytes, the way the inbox stores images."""
-    return np.round(np.asarray(prepared).reshape(28, 28) * 255).astype(np.uint8).tobytes()
+    return stored_images(np.asarray(prepared).reshape(1, 28, 28))[0]
+
+
+def stored_images(inputs: np.ndarray) -> list[bytes]:
+    """Each of (n, 28, 28[, 1]) model inputs as image_bytes stores it, converted in one go."""
+    levels = np.round(np.asarray(inputs).reshape(len(inputs), 28 * 28) * 255).astype(np.uint8)
+    return [row.tobytes() for row in levels]
+
+
+def probabilities_texts(probabilities: np.ndarray) -> list[str]:
+    """Each row of (n, 10) probabilities as the JSON list the log stores, to 6 decimals.
+    np.round gives the same floats as Python's round(p, 6) for float32 probabilities (their
+    products with 1e6 are exact in float64); with orjson it took a fifteenth of the time of
+    json.dumps over a list of round()ed floats, most of the log writer's row work."""
+    rounded = np.round(np.asarray(probabilities, dtype=np.float64), 6)
+    return [orjson.dumps(row).decode() for row in rounded.tolist()]
 
 
 def image_array(stored: bytes) -> np.ndarray:
@@ -178,7 +193,7 @@ class LoggedPrediction:
             "image": self.image,
             "digit": self.digit,
             "probability": self.probability,
-            "probabilities": json.dumps([round(p, 6) for p in self.probabilities]),
+            "probabilities": probabilities_texts(np.asarray([self.probabilities]))[0],
             "latency_ms": self.latency_ms,
         }
 
@@ -230,11 +245,56 @@ def entries(
     return logged
 
 
+def rows(
+    probabilities: np.ndarray,
+    inputs: np.ndarray,
+    contents: Sequence[bytes],
+    ids: Sequence[str],
+    asked: Sequence[dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """The log's rows of many requests' images at once, each as LoggedPrediction.row() makes
+    it: images, digits and JSON built a column at a time (one image per request, as under
+    load, made the per-request loop of `entries` the writer's main cost). Images whose
+    probabilities are NaN failed and are skipped; `ids` has one id per answered image;
+    `asked[i]` holds the fields image i shares with its request (model_name, model_version,
+    source, client, latency_ms, created_at)."""
+    kept = np.flatnonzero(answered(probabilities))
+    chosen = probabilities[kept]
+    digits = chosen.argmax(axis=1)
+    best = chosen[np.arange(len(kept)), digits]
+    columns = zip(
+        ids,
+        kept.tolist(),
+        stored_images(inputs[kept]),
+        probabilities_texts(chosen),
+        digits.tolist(),
+        best.tolist(),
+        strict=True,
+    )
+    return [
+        {
+            "id": prediction_id,
+            **asked[index],
+            "file_sha256": hashlib.sha256(contents[index]).hexdigest(),
+            "image": image,
+            "digit": digit,
+            "probability": probability,
+            "probabilities": text,
+        }
+        for prediction_id, index, image, text, digit, probability in columns
+    ]
+
+
 def write_predictions(engine: Engine, logged: list[LoggedPrediction]) -> None:
     """Insert predictions in one transaction."""
+    write_rows(engine, [item.row() for item in logged])
+
+
+def write_rows(engine: Engine, logged: list[dict[str, Any]]) -> None:
+    """Insert rows (LoggedPrediction.row(), `rows`) in one transaction."""
     if logged:
         with transaction(engine) as connection:
-            connection.execute(predictions.insert(), [item.row() for item in logged])
+            connection.execute(predictions.insert(), logged)
 
 
 def record_correction(engine: Engine, prediction_id: str, label: int, client: str | None) -> str:
