@@ -16,6 +16,7 @@ a new one is started.
 from __future__ import annotations
 
 import contextlib
+import gc
 import multiprocessing
 import threading
 import time
@@ -72,7 +73,8 @@ def answers(
 
 Packed = tuple[list[tuple], np.ndarray, np.ndarray]
 """A buffer as it goes down the pipe: each request's other fields, then every request's
-probabilities and inputs joined into one array each."""
+probabilities and inputs joined into one array each, the inputs as the log stores them
+(predictionlog.stored_levels: a quarter of the bytes of their floats)."""
 
 
 def packed(buffer: list[Answers]) -> Packed:
@@ -81,14 +83,14 @@ def packed(buffer: list[Answers]) -> Packed:
     joined, they pickle in a fraction of that."""
     others = [(item.ids, *item[3:]) for item in buffer]
     probabilities = np.concatenate([item.probabilities for item in buffer])
-    inputs = np.concatenate([item.inputs for item in buffer])
-    return others, probabilities, inputs
+    levels = predictionlog.stored_levels(np.concatenate([item.inputs for item in buffer]))
+    return others, probabilities, levels
 
 
 def rows_of(columns: Packed) -> list[dict[str, Any]]:
     """In the writer process: the log's rows of a packed buffer, with the ids the answers were
     given, built from its joined arrays a column at a time (predictionlog.rows)."""
-    others, probabilities, inputs = columns
+    others, probabilities, levels = columns
     ids: list[str] = []
     contents: list[bytes] = []
     asked: list[dict[str, Any]] = []
@@ -104,7 +106,7 @@ def rows_of(columns: Packed) -> list[dict[str, Any]]:
         ids.extend(request_ids)
         contents.extend(files)
         asked.extend([shared] * len(files))
-    return predictionlog.rows(probabilities, inputs, contents, ids, asked)
+    return predictionlog.rows(probabilities, levels, contents, ids, asked)
 
 
 def _error_text(exc: BaseException) -> str:
@@ -145,6 +147,8 @@ def _write_log(conn: Connection, url: str, retention_days: float) -> None:
         schema_ready = True
     except Exception:  # the server noted why; tried again with the first buffer
         schema_ready = False
+    gc.collect()
+    gc.freeze()  # the libraries' objects, out of the collector's sight for the process's life
     next_purge = 0.0
     try:
         while True:

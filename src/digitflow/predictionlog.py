@@ -90,13 +90,12 @@ def new_id() -> str:
 
 def image_bytes(prepared: np.ndarray) -> bytes:
     """The model's 28x28 input (floats 0..1) as 784 bytes, the way the inbox stores images."""
-    return stored_images(np.asarray(prepared).reshape(1, 28, 28))[0]
+    return stored_levels(np.asarray(prepared).reshape(1, 28, 28))[0].tobytes()
 
 
-def stored_images(inputs: np.ndarray) -> list[bytes]:
-    """Each of (n, 28, 28[, 1]) model inputs as image_bytes stores it, converted in one go."""
-    levels = np.round(np.asarray(inputs).reshape(len(inputs), 28 * 28) * 255).astype(np.uint8)
-    return [row.tobytes() for row in levels]
+def stored_levels(inputs: np.ndarray) -> np.ndarray:
+    """(n, 28, 28[, 1]) model inputs as the (n, 784) uint8 rows image_bytes stores."""
+    return np.round(np.asarray(inputs).reshape(len(inputs), 28 * 28) * 255).astype(np.uint8)
 
 
 def probabilities_texts(probabilities: np.ndarray) -> list[str]:
@@ -247,7 +246,7 @@ def entries(
 
 def rows(
     probabilities: np.ndarray,
-    inputs: np.ndarray,
+    levels: np.ndarray,
     contents: Sequence[bytes],
     ids: Sequence[str],
     asked: Sequence[dict[str, Any]],
@@ -255,7 +254,8 @@ def rows(
     """The log's rows of many requests' images at once, each as LoggedPrediction.row() makes
     it: images, digits and JSON built a column at a time (one image per request, as under
     load, made the per-request loop of `entries` the writer's main cost). Images whose
-    probabilities are NaN failed and are skipped; `ids` has one id per answered image;
+    probabilities are NaN failed and are skipped; `levels` are their stored_levels; `ids` has
+    one id per answered image;
     `asked[i]` holds the fields image i shares with its request (model_name, model_version,
     source, client, latency_ms, created_at)."""
     kept = np.flatnonzero(answered(probabilities))
@@ -265,7 +265,7 @@ def rows(
     columns = zip(
         ids,
         kept.tolist(),
-        stored_images(inputs[kept]),
+        [row.tobytes() for row in levels[kept]],
         probabilities_texts(chosen),
         digits.tolist(),
         best.tolist(),
