@@ -254,6 +254,20 @@ def test_a_buffer_reaches_the_log_as_each_request_would_have_been_logged() -> No
     assert [row["id"] for row in written] == [i for item in buffer for i in item.ids]
 
 
+def test_the_logged_probabilities_are_those_rounded_to_six_decimals() -> None:
+    """The log's JSON, made with np.round for a whole buffer, holds the floats Python's own
+    round(p, 6) gives, for float32 probabilities down to the smallest."""
+    import json
+
+    rng = np.random.default_rng(1)
+    probabilities = rng.random((2000, 10), dtype=np.float32) ** 8  # many below 1e-6
+    probabilities[0] = [0.0, 1.0, 5e-7, 1.5e-6, 2.5e-6, 0.5, 1e-30, 0.1234565, 0.9999995, 0.25]
+    texts = plog.probabilities_texts(probabilities)
+    assert [json.loads(text) for text in texts] == [
+        [round(p, 6) for p in row] for row in probabilities.astype(np.float32).tolist()
+    ]
+
+
 def test_an_image_that_failed_gets_no_id_and_no_row(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'log.db'}"
     probabilities = np.full((2, 10), 0.1, np.float32)
