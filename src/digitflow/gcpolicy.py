@@ -32,6 +32,15 @@ def fewer_full_collections() -> None:
     gc.set_threshold(young, middle, FULL_COLLECTION_EVERY)
 
 
+def freeze_long_lived() -> None:
+    """Once a process has loaded what it keeps for its whole life (a server's model, its model
+    process's, the log writer's database libraries): collect the garbage there is, then move
+    every object alive out of the collector's sight (gc.freeze). Left in, each full collection
+    walks them all (over 400 ms measured in the server), pausing whatever the process serves."""
+    gc.collect()
+    gc.freeze()
+
+
 @contextmanager
 def long_lived_imports() -> Iterator[None]:
     """No collection while the block runs (it imports); then every object alive is frozen

@@ -16,7 +16,6 @@ a new one is started.
 from __future__ import annotations
 
 import contextlib
-import gc
 import multiprocessing
 import threading
 import time
@@ -28,6 +27,7 @@ import numpy as np
 
 from . import predictionlog
 from .decoding import leave_ctrl_c_to_the_server
+from .gcpolicy import freeze_long_lived
 from .predictionlog import PURGE_EVERY_S, engine_for, new_id
 
 STOP_TIMEOUT_S = 10.0
@@ -147,8 +147,7 @@ def _write_log(conn: Connection, url: str, retention_days: float) -> None:
         schema_ready = True
     except Exception:  # the server noted why; tried again with the first buffer
         schema_ready = False
-    gc.collect()
-    gc.freeze()  # the libraries' objects, out of the collector's sight for the process's life
+    freeze_long_lived()  # the database libraries' objects live as long as the process
     next_purge = 0.0
     try:
         while True:

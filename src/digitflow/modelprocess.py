@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import gc
 import multiprocessing
 import os
 import pickle
@@ -35,6 +34,7 @@ from fastapi import HTTPException
 from . import inference
 from .batching import Answer, Pending, compute_batch
 from .decoding import leave_ctrl_c_to_the_server, received
+from .gcpolicy import freeze_long_lived
 from .imaging import (
     InkSettings,
     PixelBudgetError,
@@ -159,8 +159,7 @@ def _serve_calls(conn: Connection, spec: ModelSpec) -> None:
     except Exception as exc:
         conn.send(("failed", f"{exc.__class__.__name__}: {exc}"))
         return
-    gc.collect()
-    gc.freeze()  # the model's objects live as long as the process: out of the collector's sight
+    freeze_long_lived()  # the model's objects live as long as the process
     prepare_files = partial(prepare_within_budget, ink=scorer.ink, max_pixels=spec.max_pixels)
     calls = received(conn, "calls")  # calls read off the pipe as they come
     forward = inference.SplitForward(model_forward, spec.split, idle=calls.empty)

@@ -255,9 +255,8 @@ def rows(
     it: images, digits and JSON built a column at a time (one image per request, as under
     load, made the per-request loop of `entries` the writer's main cost). Images whose
     probabilities are NaN failed and are skipped; `levels` are their stored_levels; `ids` has
-    one id per answered image;
-    `asked[i]` holds the fields image i shares with its request (model_name, model_version,
-    source, client, latency_ms, created_at)."""
+    one id per answered image; `asked[i]` holds the fields image i shares with its request
+    (model_name, model_version, source, client, latency_ms, created_at)."""
     kept = np.flatnonzero(answered(probabilities))
     chosen = probabilities[kept]
     digits = chosen.argmax(axis=1)

@@ -39,6 +39,7 @@ from . import inference, logwriter, predictionlog
 from .batching import Answer, Batcher, Prepare
 from .config import ConfigError, ServeParams
 from .decoding import DecodingProcesses
+from .gcpolicy import freeze_long_lived
 from .imaging import InkSettings, prepare_batch
 from .logwriter import LogWriter
 from .modelprocess import (
@@ -226,12 +227,10 @@ def decoding_processes(count: int) -> DecodingProcesses | None:
 
 def settle_heap() -> int:
     """Move every object alive once the model is loaded (TensorFlow, Keras, MLflow: over
-    500,000) out of the garbage collector's sight; how many were moved. They live as long as
-    the server; left in, each full collection walked them all (over 400 ms measured), pausing
-    every request in flight. The count is taken here, once: counting walks them all too (76 ms
-    measured), which /health must not do on the event loop."""
-    gc.collect()
-    gc.freeze()
+    500,000) out of the garbage collector's sight (gcpolicy.freeze_long_lived); how many were
+    moved. The count is taken here, once: counting walks them all too (76 ms measured), which
+    /health must not do on the event loop."""
+    freeze_long_lived()
     return gc.get_freeze_count()
 
 
