@@ -80,7 +80,7 @@ def fill_log(url: str, images: np.ndarray, version: str) -> None:
             None,
             1.0,
         )
-        predictionlog.write_predictions(engine, logged)
+        predictionlog.write_rows(engine, logged)
     engine.dispose()
 
 

@@ -231,18 +231,20 @@ def champion(tmp_path_factory: pytest.TempPathFactory, ingested: Paths) -> Paths
     return paths
 
 
-def load_champion_here(champion: Paths, max_pixels: int | None, **options):
+def load_champion_here(champion: Paths, max_pixels: int | None, processes: int = 1, **options):
     """The champion project's version 1 loaded for serving in this process (serving.loaded),
-    with a model process of its own when `max_pixels` (a request's pixel budget) is given;
-    `options` are loaded()'s split and runtime. The caller closes it."""
+    with `processes` model processes of its own when `max_pixels` (a request's pixel budget) is
+    given; `options` are loaded()'s split and runtime. The caller closes it."""
     from digitflow import tracking
     from digitflow.imaging import ink_settings
+    from digitflow.modelprocess import OwnProcesses
     from digitflow.serving import loaded
 
     params = load_params(champion.params)
     tracking.configure(champion, params)
     uri = f"models:/{params.mlflow.registered_model}/1"
-    return loaded(uri, "1", ink_settings(params.imaging), max_pixels, **options)
+    own = None if max_pixels is None else OwnProcesses(processes, max_pixels)
+    return loaded(uri, "1", ink_settings(params.imaging), own, **options)
 
 
 # ---------------------------------------------------------------- real servers for tests

@@ -118,23 +118,30 @@ def stored_hash(logged_image: bytes, project: Paths) -> str:
 # ---------------------------------------------------------------- the log itself (fast)
 
 
-def _logged(index: int, digit: int = 3, probability: float = 0.9, days_old: float = 0):
-    image = np.zeros((28, 28), np.float32)
-    image[4 + index % 10 : 20, 10:14] = 1.0
-    return plog.LoggedPrediction(
-        id=plog.new_id(),
-        model_name="m",
-        model_version="1",
-        source="api",
-        client="127.0.0.1",
-        file_sha256=hashlib.sha256(str(index).encode()).hexdigest(),
-        image=plog.image_bytes(image),
-        digit=digit,
-        probability=probability,
-        probabilities=[0.1] * 10,
-        latency_ms=1.0,
-        created_at=plog.now() - timedelta(days=days_old),
-    )
+def _logged(
+    index: int,
+    digit: int = 3,
+    probability: float = 0.9,
+    days_old: float = 0,
+    image: np.ndarray | None = None,
+) -> dict:
+    """One logged answer's row: `image` (28x28 levels 0..1; a bar by default) answered `digit`
+    with `probability`, `days_old` days ago."""
+    if image is None:
+        image = np.zeros((28, 28), np.float32)
+        image[4 + index % 10 : 20, 10:14] = 1.0
+    probabilities = np.full((1, 10), (1 - probability) / 9)
+    probabilities[0, digit] = probability
+    return plog.entries(
+        probabilities,
+        image[None],
+        [str(index).encode()],
+        ("m", "1"),
+        "api",
+        "127.0.0.1",
+        1.0,
+        stamp=plog.now() - timedelta(days=days_old),
+    )[0]
 
 
 def test_prediction_ids_are_unique_and_grow_in_the_order_they_were_made() -> None:
@@ -147,20 +154,20 @@ def test_prediction_ids_are_unique_and_grow_in_the_order_they_were_made() -> Non
 def test_correction_rules_on_the_real_database(tmp_path: Path) -> None:
     engine = plog.open_log(f"sqlite:///{tmp_path / 'log.db'}")
     first, second = _logged(0), _logged(1)
-    plog.write_predictions(engine, [first, second])
-    assert plog.record_correction(engine, first.id, 7, "a") == "recorded"
-    assert plog.record_correction(engine, first.id, 7, "a") == "unchanged"
-    assert plog.record_correction(engine, first.id, 1, "a") == "replaced"
+    plog.write_rows(engine, [first, second])
+    assert plog.record_correction(engine, first["id"], 7, "a") == "recorded"
+    assert plog.record_correction(engine, first["id"], 7, "a") == "unchanged"
+    assert plog.record_correction(engine, first["id"], 1, "a") == "replaced"
     with pytest.raises(plog.UnknownPrediction, match="no prediction with id 'nope'"):
         plog.record_correction(engine, "nope", 1, "a")
-    rows = correction_rows(engine, [first.id, second.id])
-    assert list(rows) == [first.id] and rows[first.id]["label"] == 1
-    assert rows[first.id]["state"] == plog.PENDING
+    rows = correction_rows(engine, [first["id"], second["id"]])
+    assert list(rows) == [first["id"]] and rows[first["id"]]["label"] == 1
+    assert rows[first["id"]]["state"] == plog.PENDING
     with engine.begin() as connection:  # as an export leaves it
         connection.execute(plog.corrections.update().values(state=plog.EXPORTED, batch="b"))
-    assert plog.record_correction(engine, first.id, 1, "a") == "unchanged"
+    assert plog.record_correction(engine, first["id"], 1, "a") == "unchanged"
     with pytest.raises(plog.CorrectionSettled, match="can no longer change"):
-        plog.record_correction(engine, first.id, 2, "a")
+        plog.record_correction(engine, first["id"], 2, "a")
 
 
 def unwritable_url(tmp_path: Path) -> str:
@@ -220,7 +227,8 @@ def test_the_writer_process_writes_what_the_server_answered_and_drops_past_the_q
 
 def test_a_buffer_reaches_the_log_as_each_request_would_have_been_logged() -> None:
     """Requests of 2, 1 and 3 images (one that failed), joined into two arrays for the pipe:
-    the writer's rows, built a column at a time, are those `entries` makes request by request."""
+    the writer's rows, built a column at a time, are those each request's images give one by
+    one."""
     import pickle
 
     rng = np.random.default_rng(0)
@@ -241,17 +249,32 @@ def test_a_buffer_reaches_the_log_as_each_request_would_have_been_logged() -> No
             )
         )
     written = rows_of(pickle.loads(pickle.dumps(packed(buffer))))
-    expected = [
-        entry.row()
-        for item in buffer
-        for entry in plog.entries(
-            *item[1:8],
-            ids=item.ids,
-            stamp=datetime.fromtimestamp(item.answered_at, UTC).replace(tzinfo=None),
-        )
-    ]
+    expected = []  # built image by image, from each request as it was recorded
+    for item in buffer:
+        probabilities, inputs, contents, model, source, client, latency_ms = item[1:8]
+        answered = [index for index, row in enumerate(probabilities) if not np.isnan(row).any()]
+        for prediction_id, index in zip(item.ids, answered, strict=True):
+            row = probabilities[index].tolist()
+            digit = row.index(max(row))
+            expected.append(
+                {
+                    "id": prediction_id,
+                    "model_name": model[0],
+                    "model_version": model[1],
+                    "source": source,
+                    "client": client,
+                    "latency_ms": latency_ms,
+                    "created_at": datetime.fromtimestamp(item.answered_at, UTC).replace(
+                        tzinfo=None
+                    ),
+                    "file_sha256": hashlib.sha256(contents[index]).hexdigest(),
+                    "image": bytes(round(level * 255) for level in inputs[index].ravel().tolist()),
+                    "digit": digit,
+                    "probability": row[digit],
+                    "probabilities": json.dumps([round(p, 6) for p in row]).replace(" ", ""),
+                }
+            )
     assert len(written) == 5 and written == expected
-    assert [row["id"] for row in written] == [i for item in buffer for i in item.ids]
 
 
 def test_the_logged_probabilities_are_those_rounded_to_six_decimals() -> None:
@@ -333,26 +356,28 @@ def test_ctrl_c_leaves_the_writer_process_to_the_server(tmp_path: Path) -> None:
 def test_old_images_are_purged_except_those_awaiting_export(tmp_path: Path) -> None:
     engine = plog.open_log(f"sqlite:///{tmp_path / 'log.db'}")
     old, old_corrected, recent = _logged(0, days_old=40), _logged(1, days_old=40), _logged(2)
-    plog.write_predictions(engine, [old, old_corrected, recent])
-    plog.record_correction(engine, old_corrected.id, 5, None)
+    plog.write_rows(engine, [old, old_corrected, recent])
+    plog.record_correction(engine, old_corrected["id"], 5, None)
     assert plog.purge_images(engine, retention_days=30) == 1
-    rows = rows_for(engine, [old.id, old_corrected.id, recent.id])
-    assert rows[old.id]["image"] is None and rows[old.id]["digit"] == 3  # the row stays
-    assert rows[old_corrected.id]["image"] is not None and rows[recent.id]["image"] is not None
+    rows = rows_for(engine, [old["id"], old_corrected["id"], recent["id"]])
+    assert rows[old["id"]]["image"] is None and rows[old["id"]]["digit"] == 3  # the row stays
+    assert (
+        rows[old_corrected["id"]]["image"] is not None and rows[recent["id"]]["image"] is not None
+    )
 
 
 def _claim(engine: sa.Engine, batch: str) -> str:
     """A logged, corrected prediction claimed by export batch `batch`; its id."""
     entry = _logged(0)
-    plog.write_predictions(engine, [entry])
-    plog.record_correction(engine, entry.id, 4, None)
+    plog.write_rows(engine, [entry])
+    plog.record_correction(engine, entry["id"], 4, None)
     with engine.begin() as connection:
         connection.execute(
             plog.corrections.update()
-            .where(plog.corrections.c.prediction_id == entry.id)
+            .where(plog.corrections.c.prediction_id == entry["id"])
             .values(state=plog.EXPORTING, batch=batch)
         )
-    return entry.id
+    return entry["id"]
 
 
 def test_reconcile_settles_each_claim_from_where_its_batch_is(tmp_path: Path) -> None:
@@ -696,25 +721,29 @@ def _seed_corrections(project: Paths, images: np.ndarray, labels: np.ndarray) ->
     engine = plog.open_log(project.prediction_db(load_params(project.params)))
     logged = []
     for index, (image, label) in enumerate(zip(images, labels, strict=True)):
-        entry = _logged(index, digit=int(label), probability=0.99)
-        logged.append(
-            plog.LoggedPrediction(**{**entry.__dict__, "image": plog.image_bytes(image / 255.0)})
-        )
-    plog.write_predictions(engine, logged)
+        logged.append(_logged(index, int(label), 0.99, image=image / 255.0))
+    plog.write_rows(engine, logged)
     for entry in logged:
-        plog.record_correction(engine, entry.id, entry.digit, "127.0.0.1")
-    return [entry.id for entry in logged]
+        plog.record_correction(engine, entry["id"], entry["digit"], "127.0.0.1")
+    return [entry["id"] for entry in logged]
 
 
 def _export(project: Paths) -> subprocess.Popen:
+    """`digitflow feedback export` started in the project; its output goes to export.log."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    return subprocess.Popen(
-        ["digitflow", "feedback", "export"],
-        cwd=project.root,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    with (project.root / "export.log").open("a") as output:
+        return subprocess.Popen(
+            ["digitflow", "feedback", "export"],
+            cwd=project.root,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def _export_output(project: Paths) -> str:
+    """The end of what the exports so far wrote (for a failed assertion's message)."""
+    return (project.root / "export.log").read_text()[-3000:]
 
 
 def _copies_in_data(project: Paths, ids: list[str]) -> dict[str, int]:
@@ -735,7 +764,7 @@ def test_sigkill_during_export_loses_and_repeats_nothing(tmp_path, ingested, mni
     images, labels = fresh_digits(mnist_source, 500, 100)
     ids = _seed_corrections(project, images[:10], labels[:10])
     started = time.monotonic()
-    assert _export(project).wait(timeout=300) == 0
+    assert _export(project).wait(timeout=300) == 0, _export_output(project)
     duration = time.monotonic() - started
     assert set(_copies_in_data(project, ids).values()) == {1}
     engine = log_engine(project)
@@ -753,7 +782,7 @@ def test_sigkill_during_export_loses_and_repeats_nothing(tmp_path, ingested, mni
         assert max(copies.values()) == 1, f"a correction is in the data twice (kill at {fraction})"
         assert all(copies[i] == 1 for i in ids if states[i] == plog.EXPORTED)
         assert set(states.values()) <= {plog.PENDING, plog.EXPORTING, plog.EXPORTED}
-    assert _export(project).wait(timeout=300) == 0
+    assert _export(project).wait(timeout=300) == 0, _export_output(project)
     states = {row["state"] for row in correction_rows(engine, ids).values()}
     assert states == {plog.EXPORTED}
     assert set(_copies_in_data(project, ids).values()) == {1}

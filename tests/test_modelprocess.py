@@ -53,7 +53,7 @@ def test_the_model_process_answers_as_the_server_would(served) -> None:
     parts = [_digits(1), _digits(3), [b"not an image"], _digits(2)]
     there = _in_process(served, parts)
     here = compute_batch(_requests(served, parts))
-    assert served.process.status()["pid"] not in (None, os.getpid())
+    assert served.process.status()["pids"][0] not in (None, os.getpid())
     for theirs, ours in zip(there, here, strict=True):
         assert theirs.errors == ours.errors
         np.testing.assert_array_equal(theirs.inputs, ours.inputs)
@@ -110,29 +110,63 @@ def test_a_request_over_the_pixel_budget_gets_its_413_across_the_pipe(served) ->
 
 def test_a_killed_model_process_loses_no_call_and_is_replaced(served) -> None:
     before = served.process.status()
-    os.kill(before["pid"], signal.SIGKILL)
+    os.kill(before["pids"][0], signal.SIGKILL)
     time.sleep(0.5)
     answers = _in_process(served, [_digits(2)])  # made in this process meanwhile
     assert answers[0].probabilities is not None and answers[0].probabilities.shape == (2, 10)
     deadline = time.monotonic() + 180
-    while served.process.status()["pid"] is None and time.monotonic() < deadline:
+    while served.process.status()["pids"][0] is None and time.monotonic() < deadline:
         time.sleep(0.5)
     after = served.process.status()
     assert after["restarts"] == before["restarts"] + 1
-    assert after["pid"] not in (None, before["pid"])
+    assert after["pids"][0] not in (None, before["pids"][0])
     assert _in_process(served, [_digits(1)])[0].probabilities is not None
 
 
 def test_a_closed_model_process_exits_and_calls_go_on_here(champion) -> None:
     served = load_champion_here(champion, MAX_PIXELS)
-    pid = served.process.status()["pid"]
+    [pid] = served.process.status()["pids"]
     served.close()
     deadline = time.monotonic() + 30
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _alive(pid)
-    assert served.process.status()["pid"] is None
+    assert served.process.status()["pids"] == [None]
     assert _in_process(served, [_digits(1)])[0].probabilities is not None
+
+
+def test_two_model_processes_take_two_calls_at_once(champion) -> None:
+    """serve.model_processes: 2. A call sent while one computes goes to the idle process; both
+    answer as the server's own copy would, and a killed one leaves the other answering."""
+    served = load_champion_here(champion, MAX_PIXELS, processes=2)
+    try:
+        pids = served.process.status()["pids"]
+        assert len(set(pids)) == 2 and None not in pids
+        parts = [[_digits(2)], [_digits(3)]]
+
+        async def two_calls():
+            first = asyncio.ensure_future(served.process.compute(_requests(served, parts[0])))
+            await asyncio.sleep(0)  # sent: the first process has it in flight
+            sent_first = [member.busy[1] for member in served.process.members]
+            second = asyncio.ensure_future(served.process.compute(_requests(served, parts[1])))
+            await asyncio.sleep(0)
+            sent_both = [member.busy[1] for member in served.process.members]
+            return sent_first, sent_both, await first, await second
+
+        sent_first, sent_both, *answers = asyncio.run(two_calls())
+        assert sent_first == [1, 0] and sent_both == [1, 1]
+        for part, [theirs] in zip(parts, answers, strict=True):
+            [ours] = compute_batch(_requests(served, part))
+            np.testing.assert_allclose(theirs.probabilities, ours.probabilities, atol=1e-6)
+        os.kill(pids[0], signal.SIGKILL)
+        time.sleep(0.5)
+        assert _in_process(served, [_digits(1)])[0].probabilities is not None  # made here
+        first, second = served.process.members
+        assert first.busy == (True, 0) and second.busy == (False, 0)  # the first is replaced
+        assert _in_process(served, [_digits(2)])[0].probabilities.shape == (2, 10)
+        assert second.status()["pid"] == pids[1]
+    finally:
+        served.close()
 
 
 def _alive(pid: int) -> bool:

@@ -289,9 +289,9 @@ def _fill_log(project: Paths, database: str, images: np.ndarray, labels: np.ndar
         None,
         1.0,
     )
-    plog.write_predictions(engine, logged)
+    plog.write_rows(engine, logged)
     engine.dispose()
-    return [entry.id for entry in logged]
+    return [entry["id"] for entry in logged]
 
 
 def _correct(project: Paths, database: str, ids: list[str], labels: list[int]) -> None:

@@ -141,6 +141,7 @@ class ServeParams(_Strict):
     batch_calls_in_flight: int = Field(ge=1)
     workers: int = Field(ge=1)
     model_process: bool
+    model_processes: int = Field(ge=1)
     model_threads: int = Field(ge=0)
     runtime: ServeRuntime
     split_images: int = Field(ge=0)

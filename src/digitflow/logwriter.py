@@ -65,7 +65,7 @@ def answers(
     latency_ms: float,
 ) -> Answers:
     """A request's answers, with a fresh prediction id for each image answered (the rows are
-    built from them in the writer process, where `predictionlog.entries` skips failed ones)."""
+    built from them in the writer process, where `predictionlog.rows` skips failed ones)."""
     ids = [new_id() for _ in range(int(predictionlog.answered(probabilities).sum()))]
     stamp = time.time()
     return Answers(ids, probabilities, inputs, contents, model, source, client, latency_ms, stamp)

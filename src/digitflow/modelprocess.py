@@ -347,6 +347,11 @@ class ModelProcess:
             self._process, self._conn, self.restarts = process, conn, self.restarts + 1
         print("a new model process is up", flush=True)
 
+    @property
+    def busy(self) -> tuple[bool, int]:
+        """For choosing where a call goes: (no process up now, calls in flight), least first."""
+        return self._conn is None, self._in_flight
+
     def status(self) -> dict:
         """For /health: the process's id (None while a new one starts) and how many were
         started after one died."""
@@ -372,6 +377,67 @@ class ModelProcess:
             conn.send(None)
         conn.close()
         threading.Thread(target=_reap, args=(process,), name="model-reap", daemon=True).start()
+
+
+@dataclasses.dataclass(frozen=True)
+class OwnProcesses:
+    """Where a worker's model calls are made: `count` model processes, each checking a
+    request's pixel budget of `max_pixels` (serve.model_processes, serve.max_request_pixels)."""
+
+    count: int
+    max_pixels: int
+
+
+class ModelProcesses:
+    """A worker's model processes, all loading the same model at once. Each call goes to the
+    one with the fewest calls in flight (the first of those; one with no process up, being
+    replaced, last): with two processes and the batcher's two calls in flight, two calls
+    prepare their images and compute on two cores at once. `wait_ready` before the first
+    call."""
+
+    def __init__(
+        self,
+        own: OwnProcesses,
+        uri: str,
+        ink: InkSettings,
+        split: inference.Split = inference.NO_SPLIT,
+        runtime: str = "tensorflow",
+    ) -> None:
+        self.members: list[ModelProcess] = []
+        try:
+            for _ in range(own.count):
+                self.members.append(ModelProcess(uri, ink, own.max_pixels, split, runtime))
+        except BaseException:
+            self.close()
+            raise
+
+    def wait_ready(self) -> None:
+        """Until every process has loaded the model (a RuntimeError saying why if one could
+        not; then all are stopped)."""
+        try:
+            for member in self.members:
+                member.wait_ready()
+        except BaseException:
+            self.close()
+            raise
+
+    async def compute(self, batch: list[Pending]) -> list[Answer | BaseException]:
+        """The answers of one model call, made in the least busy process."""
+        return await min(self.members, key=lambda member: member.busy).compute(batch)
+
+    def status(self) -> dict:
+        """For /health: each process's id (None while a new one starts), and how many were
+        started after one died, all processes counted."""
+        statuses = [member.status() for member in self.members]
+        return {
+            "pids": [status["pid"] for status in statuses],
+            "restarts": sum(status["restarts"] for status in statuses),
+        }
+
+    def close(self) -> None:
+        """Stop every process once the calls it is making (if any) are answered."""
+        for member in self.members:
+            member.close()
 
 
 def _reap(process: multiprocessing.process.BaseProcess) -> None:

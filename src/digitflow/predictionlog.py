@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -88,13 +87,9 @@ def new_id() -> str:
     return uuid6.uuid7().hex
 
 
-def image_bytes(prepared: np.ndarray) -> bytes:
-    """The model's 28x28 input (floats 0..1) as 784 bytes, the way the inbox stores images."""
-    return stored_levels(np.asarray(prepared).reshape(1, 28, 28))[0].tobytes()
-
-
 def stored_levels(inputs: np.ndarray) -> np.ndarray:
-    """(n, 28, 28[, 1]) model inputs as the (n, 784) uint8 rows image_bytes stores."""
+    """(n, 28, 28[, 1]) model inputs as the (n, 784) uint8 rows the log stores (the
+    inbox stores images the same way)."""
     return np.round(np.asarray(inputs).reshape(len(inputs), 28 * 28) * 255).astype(np.uint8)
 
 
@@ -163,40 +158,6 @@ def transaction(engine: Engine) -> Iterator[sa.Connection]:
         yield connection
 
 
-@dataclass(frozen=True)
-class LoggedPrediction:
-    """One answered image, as it goes into the log."""
-
-    id: str
-    model_name: str
-    model_version: str
-    source: str
-    client: str | None
-    file_sha256: str
-    image: bytes
-    digit: int
-    probability: float
-    probabilities: list[float]
-    latency_ms: float
-    created_at: datetime
-
-    def row(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "created_at": self.created_at,
-            "model_name": self.model_name,
-            "model_version": self.model_version,
-            "source": self.source,
-            "client": self.client,
-            "file_sha256": self.file_sha256,
-            "image": self.image,
-            "digit": self.digit,
-            "probability": self.probability,
-            "probabilities": probabilities_texts(np.asarray([self.probabilities]))[0],
-            "latency_ms": self.latency_ms,
-        }
-
-
 def answered(probabilities: np.ndarray) -> np.ndarray:
     """Which images were answered: rows of NaN probabilities are images that failed."""
     return ~np.isnan(probabilities).any(axis=1)
@@ -212,36 +173,26 @@ def entries(
     latency_ms: float,
     ids: list[str] | None = None,
     stamp: datetime | None = None,
-) -> list[LoggedPrediction]:
-    """Log entries for the answered images (rows of NaN probabilities, images that failed, are
-    skipped); `model` is (name, version). Each gets the next of `ids` (one per answered image)
-    or a fresh id, and the time `stamp` (default: now)."""
-    stamp = stamp or now()
-    kept = answered(probabilities)
-    given = iter(ids) if ids is not None else None
-    logged = []
-    for index, data in enumerate(contents):
-        if not kept[index]:
-            continue
-        row = probabilities[index]
-        digit = int(row.argmax())
-        logged.append(
-            LoggedPrediction(
-                id=next(given) if given is not None else new_id(),
-                model_name=model[0],
-                model_version=model[1],
-                source=source,
-                client=client,
-                file_sha256=hashlib.sha256(data).hexdigest(),
-                image=image_bytes(inputs[index]),
-                digit=digit,
-                probability=float(row[digit]),
-                probabilities=row.tolist(),
-                latency_ms=latency_ms,
-                created_at=stamp,
-            )
-        )
-    return logged
+) -> list[dict[str, Any]]:
+    """The log's rows of one request's answered images (rows of NaN probabilities, images that
+    failed, are skipped); `model` is (name, version). Each gets the next of `ids` (one per
+    answered image) or a fresh id, and the time `stamp` (default: now)."""
+    answered_count = int(answered(probabilities).sum())
+    asked = {
+        "model_name": model[0],
+        "model_version": model[1],
+        "source": source,
+        "client": client,
+        "latency_ms": latency_ms,
+        "created_at": stamp or now(),
+    }
+    return rows(
+        probabilities,
+        stored_levels(inputs),
+        contents,
+        ids if ids is not None else [new_id() for _ in range(answered_count)],
+        [asked] * len(contents),
+    )
 
 
 def rows(
@@ -251,9 +202,9 @@ def rows(
     ids: Sequence[str],
     asked: Sequence[dict[str, Any]],
 ) -> list[dict[str, Any]]:
-    """The log's rows of many requests' images at once, each as LoggedPrediction.row() makes
-    it: images, digits and JSON built a column at a time (one image per request, as under
-    load, made the per-request loop of `entries` the writer's main cost). Images whose
+    """The log's rows of many requests' images at once: images, digits and JSON built a column
+    at a time (one image per request, as under load, made a loop over requests the writer's
+    main cost). Images whose
     probabilities are NaN failed and are skipped; `levels` are their stored_levels; `ids` has
     one id per answered image; `asked[i]` holds the fields image i shares with its request
     (model_name, model_version, source, client, latency_ms, created_at)."""
@@ -284,13 +235,8 @@ def rows(
     ]
 
 
-def write_predictions(engine: Engine, logged: list[LoggedPrediction]) -> None:
-    """Insert predictions in one transaction."""
-    write_rows(engine, [item.row() for item in logged])
-
-
 def write_rows(engine: Engine, logged: list[dict[str, Any]]) -> None:
-    """Insert rows (LoggedPrediction.row(), `rows`) in one transaction."""
+    """Insert rows (`rows`, `entries`) in one transaction."""
     if logged:
         with transaction(engine) as connection:
             connection.execute(predictions.insert(), logged)

@@ -43,7 +43,8 @@ from .gcpolicy import freeze_long_lived
 from .imaging import InkSettings, prepare_batch
 from .logwriter import LogWriter
 from .modelprocess import (
-    ModelProcess,
+    ModelProcesses,
+    OwnProcesses,
     prepare_within_budget,
     within_pixel_budget,
 )
@@ -63,10 +64,10 @@ class Served:
     loaded_at: float
     scorer: inference.Scorer
     forward: inference.SplitForward  # the forward pass on its runtime, large calls cut in parts
-    process: ModelProcess | None = None  # where its calls are made, when not in this process
+    process: ModelProcesses | None = None  # where its calls are made, when not in this process
 
     def close(self) -> None:
-        """Stop its model process (if any) once the calls sent to it are answered."""
+        """Stop its model processes (if any) once the calls sent to them are answered."""
         if self.process is not None:
             self.process.close()
 
@@ -75,19 +76,15 @@ def loaded(
     uri: str,
     version: str,
     ink: InkSettings,
-    own_process_pixels: int | None = None,
+    own: OwnProcesses | None = None,
     split: inference.Split = inference.NO_SPLIT,
     runtime: str = "tensorflow",
 ) -> Served:
-    """Load a model for serving; with `own_process_pixels` (a request's pixel budget), its calls
-    are made in a model process of its own (modelprocess), which loads it at the same time.
+    """Load a model for serving; with `own`, its calls are made in model processes of their own
+    (modelprocess), which load it at the same time.
     Calls run on `runtime` (inference.serving_forward), those of many images cut as `split`
     says (inference.SplitForward)."""
-    process = (
-        None
-        if own_process_pixels is None
-        else ModelProcess(uri, ink, own_process_pixels, split, runtime)
-    )
+    process = None if own is None else ModelProcesses(own, uri, ink, split, runtime)
     try:
         model = inference.load(uri)
         scorer = inference.Scorer.of(model, uri, ink)
@@ -112,12 +109,12 @@ class ChampionHolder:
         alias: str,
         interval_s: float,
         ink: InkSettings,
-        own_process_pixels: int | None = None,
+        own: OwnProcesses | None = None,
         split: inference.Split = inference.NO_SPLIT,
         runtime: str = "tensorflow",
     ) -> None:
         self.name, self.alias, self.interval_s, self.ink = name, alias, interval_s, ink
-        self.own_process_pixels, self.split, self.runtime = own_process_pixels, split, runtime
+        self.own, self.split, self.runtime = own, split, runtime
         self._served: Served | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -142,7 +139,7 @@ class ChampionHolder:
         if self._served is not None and self._served.version == version:
             return False
         uri = f"models:/{self.name}/{version}"
-        served = loaded(uri, version, self.ink, self.own_process_pixels, self.split, self.runtime)
+        served = loaded(uri, version, self.ink, self.own, self.split, self.runtime)
         with self._lock:
             replaced, self._served = self._served, served
         if replaced is not None:
@@ -175,11 +172,11 @@ class FixedModel:
         self,
         uri: str,
         ink: InkSettings,
-        own_process_pixels: int | None = None,
+        own: OwnProcesses | None = None,
         split: inference.Split = inference.NO_SPLIT,
         runtime: str = "tensorflow",
     ) -> None:
-        self.served = loaded(uri, uri, ink, own_process_pixels, split, runtime)
+        self.served = loaded(uri, uri, ink, own, split, runtime)
         self.name, self.alias, self.last_error = uri, "", ""
 
     def start(self) -> None: ...

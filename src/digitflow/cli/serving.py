@@ -93,7 +93,7 @@ def _log_batch(project, params: Params, scored, files: list[Path], uri: str, ver
     import time
 
     from ..predict import read_files
-    from ..predictionlog import entries, open_log, write_predictions
+    from ..predictionlog import entries, open_log, write_rows
 
     name = params.mlflow.registered_model if uri.startswith("models:/") else uri
     contents, _ = read_files(files)
@@ -106,7 +106,7 @@ def _log_batch(project, params: Params, scored, files: list[Path], uri: str, ver
         None,
         (time.perf_counter() - started) * 1000 / max(len(files), 1),
     )
-    write_predictions(open_log(project.prediction_db(params)), logged)
+    write_rows(open_log(project.prediction_db(params)), logged)
     return len(logged)
 
 
@@ -234,22 +234,27 @@ def _with_serve(params: Params, **settings: object) -> Params:
 def _load_model(project, params: Params, model_uri: str | None):
     """The model holder: the given URI, fixed, or the champion, reloaded when its alias moves."""
     from ..imaging import ink_settings
+    from ..modelprocess import OwnProcesses
     from ..serving import ChampionHolder, FixedModel, model_split
 
     settings = params.serve
     ink = ink_settings(params.imaging)
-    own_process_pixels = settings.max_request_pixels if settings.model_process else None
+    own = (
+        OwnProcesses(settings.model_processes, settings.max_request_pixels)
+        if settings.model_process
+        else None
+    )
     split = model_split(settings.split_images)
     try:
         with reported(), guarded(project):
             if model_uri:
-                return FixedModel(model_uri, ink, own_process_pixels, split, settings.runtime)
+                return FixedModel(model_uri, ink, own, split, settings.runtime)
             holder = ChampionHolder(
                 params.mlflow.registered_model,
                 "champion",
                 settings.reload_interval_s,
                 ink,
-                own_process_pixels,
+                own,
                 split,
                 settings.runtime,
             )
