@@ -391,9 +391,9 @@ class OwnProcesses:
 class ModelProcesses:
     """A worker's model processes, all loading the same model at once. Each call goes to the
     one with the fewest calls in flight (the first of those; one with no process up, being
-    replaced, last): with two processes and the batcher's two calls in flight, two calls
-    prepare their images and compute on two cores at once. `wait_ready` before the first
-    call."""
+    replaced, last): with two processes, two calls prepare their images and compute on two
+    cores at once, and the next call of each waits at its process (the batcher's
+    `calls_in_flight`, two a process). `wait_ready` before the first call."""
 
     def __init__(
         self,
