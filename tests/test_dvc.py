@@ -3,6 +3,7 @@ and `dvc repro` runs the validate stage once."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -17,7 +18,13 @@ from conftest import REPO, free_port, run, stop, tree_digest
 from digitflow.config import load_params
 from digitflow.ingest import ingest
 from digitflow.sources import Source
-from digitflow.versioning import data_hash, data_status_clean, push_data, track_data
+from digitflow.versioning import (
+    data_hash,
+    data_status_clean,
+    heal_rwlock,
+    push_data,
+    track_data,
+)
 
 
 def test_ingest_matches_committed_hash_and_round_trips(project, mnist_source) -> None:
@@ -34,6 +41,27 @@ def test_ingest_matches_committed_hash_and_round_trips(project, mnist_source) ->
     run(["dvc", "pull", "-q", "data.dvc"], project.root)
     assert tree_digest(project.data) == original
     assert run(["dvc", "status", "data.dvc"], project.root).stdout.strip().endswith("up to date.")
+
+
+@pytest.mark.parametrize("left", [b"", b'{"read": {}, "wri'])
+def test_a_lock_record_a_killed_dvc_command_cut_off_is_healed(project, left: bytes) -> None:
+    """A DVC command killed while rewriting .dvc/tmp/rwlock leaves it empty or cut off; DVC
+    itself then refuses every command. The project's DVC calls remove it first and go on."""
+    from dvc.repo import Repo
+    from dvc.rwlock import RWLockFileCorruptedError
+
+    rwlock = project.root / ".dvc" / "tmp" / "rwlock"
+    rwlock.parent.mkdir(parents=True, exist_ok=True)
+    rwlock.write_bytes(left)
+    repo = Repo(str(project.root))
+    try:
+        with pytest.raises(RWLockFileCorruptedError):  # the fault, as DVC meets it
+            repo.status(targets=[str(project.data_dvc)])
+    finally:
+        repo.close()
+    assert not data_status_clean(project)  # answered: data/ is not there yet
+    assert isinstance(json.loads(rwlock.read_text()), dict)  # written anew by DVC
+    assert heal_rwlock(project.root) is False  # a readable record is left alone
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from contextlib import chdir, contextmanager
 from dataclasses import dataclass
@@ -20,11 +21,45 @@ def data_hash(paths: Paths) -> str | None:
     return outs[0].get("md5")
 
 
+def _readable_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return True
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+        return False
+    return True
+
+
+def heal_rwlock(root: Path) -> bool:
+    """Remove `.dvc/tmp/rwlock` when it is not JSON; True when it was removed.
+
+    DVC records the running commands' locks in that file, truncating it and then writing it
+    anew each time. A DVC command killed in between (SIGKILL, as an interrupted export can be)
+    leaves it empty or cut off, and every later command then fails ("JSON structure is
+    corrupted"). The file is checked again under DVC's own guard of it, so no live command is
+    writing it; what it held was lost with the command that died."""
+    from dvc.lock import make_lock
+
+    folder = root / ".dvc" / "tmp"
+    path = folder / "rwlock"
+    if _readable_json(path):
+        return False
+    with make_lock(str(folder / "rwlock.lock"), tmp_dir=str(folder)):
+        if _readable_json(path):
+            return False
+        path.unlink()
+    logging.getLogger(__name__).warning("removed %s: a killed DVC command left it unreadable", path)
+    return True
+
+
 @contextmanager
 def dvc_repo(root: Path) -> Any:
-    """Open the DVC repository at root, working from root (DVC is imported lazily: it is slow)."""
+    """Open the DVC repository at root, working from root (DVC is imported lazily: it is slow),
+    after healing a lock record a killed DVC command left unreadable (heal_rwlock)."""
     from dvc.repo import Repo
 
+    heal_rwlock(root)
     dvc_logger = logging.getLogger("dvc")
     level = dvc_logger.level
     dvc_logger.setLevel(logging.WARNING)  # hide hints such as "git add data.dvc"
