@@ -204,10 +204,10 @@ def rows(
 ) -> list[dict[str, Any]]:
     """The log's rows of many requests' images at once: images, digits and JSON built a column
     at a time (one image per request, as under load, made a loop over requests the writer's
-    main cost). Images whose
-    probabilities are NaN failed and are skipped; `levels` are their stored_levels; `ids` has
-    one id per answered image; `asked[i]` holds the fields image i shares with its request
-    (model_name, model_version, source, client, latency_ms, created_at)."""
+    main cost). Images whose probabilities are NaN failed and are skipped; `levels` are their
+    stored_levels; `ids` has one id per answered image; `asked[i]` holds the fields image i
+    shares with its request (model_name, model_version, source, client, latency_ms,
+    created_at)."""
     kept = np.flatnonzero(answered(probabilities))
     chosen = probabilities[kept]
     digits = chosen.argmax(axis=1)
