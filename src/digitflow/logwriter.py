@@ -28,7 +28,7 @@ import numpy as np
 from . import predictionlog
 from .decoding import leave_ctrl_c_to_the_server
 from .gcpolicy import freeze_long_lived
-from .predictionlog import PURGE_EVERY_S, engine_for, new_id
+from .predictionlog import PURGE_EVERY_S, engine_for
 
 STOP_TIMEOUT_S = 10.0
 
@@ -66,7 +66,7 @@ def answers(
 ) -> Answers:
     """A request's answers, with a fresh prediction id for each image answered (the rows are
     built from them in the writer process, where `predictionlog.rows` skips failed ones)."""
-    ids = [new_id() for _ in range(int(predictionlog.answered(probabilities).sum()))]
+    ids = predictionlog.new_ids(probabilities)
     stamp = time.time()
     return Answers(ids, probabilities, inputs, contents, model, source, client, latency_ms, stamp)
 

@@ -163,6 +163,11 @@ def answered(probabilities: np.ndarray) -> np.ndarray:
     return ~np.isnan(probabilities).any(axis=1)
 
 
+def new_ids(probabilities: np.ndarray) -> list[str]:
+    """A fresh prediction id for each image answered (see `answered`), in order."""
+    return [new_id() for _ in range(int(answered(probabilities).sum()))]
+
+
 def entries(
     probabilities: np.ndarray,
     inputs: np.ndarray,
@@ -177,7 +182,6 @@ def entries(
     """The log's rows of one request's answered images (rows of NaN probabilities, images that
     failed, are skipped); `model` is (name, version). Each gets the next of `ids` (one per
     answered image) or a fresh id, and the time `stamp` (default: now)."""
-    answered_count = int(answered(probabilities).sum())
     asked = {
         "model_name": model[0],
         "model_version": model[1],
@@ -190,7 +194,7 @@ def entries(
         probabilities,
         stored_levels(inputs),
         contents,
-        ids if ids is not None else [new_id() for _ in range(answered_count)],
+        ids if ids is not None else new_ids(probabilities),
         [asked] * len(contents),
     )
 
