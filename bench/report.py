@@ -67,6 +67,15 @@ SERVER_LABELS = {  # bench/serving.py's servers
 }
 
 
+def _beyond_16_clients(ratios: dict, workers: str) -> str:
+    """48 clients over 1, and the 16-client ratio scaled to every core busy, where measured."""
+    most = ratios.get(f"{workers}_48_over_1_client_throughput")
+    ceiling = ratios.get(f"{workers}_16_over_1_client_throughput_all_cores_busy")
+    if most is None or ceiling is None:
+        return ""
+    return f"; 48 clients / 1 client {most:.2f}x; 16 clients with every core busy {ceiling:.2f}x"
+
+
 def latency_ms(load: dict, percentile: str) -> str:
     """A load's latency percentile: unrounded where the file has it, else locust's whole ms."""
     exact = load.get(f"{percentile}_ms_exact")
@@ -353,7 +362,8 @@ def table() -> str:
                 f"({many['requests_per_s']:.0f} / {one['requests_per_s']:.0f} requests/s); p99 at 16 "
                 f"clients {latency_ms(many, 'p99')} = "
                 f"{ratios[f'{workers}_16_client_p99_over_1_client_p50']:.1f}x the 1-client p50 "
-                f"({latency_ms(one, 'p50')}); {serving['failed_requests']} failed requests "
+                f"({latency_ms(one, 'p50')}){_beyond_16_clients(ratios, workers)}; "
+                f"{serving['failed_requests']} failed requests "
                 + (where if workers == servers[0] else "| same | same |")
             )
         rates = serving["batch64_median_images_per_second"]

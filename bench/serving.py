@@ -5,7 +5,7 @@ python bench/serving.py [--seconds 10] [--repeats 3] [--images 256] [--rounds 3]
 Trains the default architecture briefly in a fresh clone (inference cost does not depend on how
 long it trained) and registers it as champion. Then, in the same run, on 127.0.0.1:
 - bounded load with locust (bench/locustfile.py, closed loop, --seconds each, prediction log
-  on): 1 client and 16 clients sending one PNG per request, and 16 clients sending 16 per
+  on): 1, 16 and 48 clients sending one PNG per request, and 16 clients sending 16 per
   request, in turn, --repeats times; against `digitflow serve` with 1 worker (its model calls in
   a model process, on LiteRT: the defaults), 1 worker making them in a thread
   (--no-model-process), 1 worker making them on TensorFlow (--runtime tensorflow), and 2
@@ -15,9 +15,12 @@ long it trained) and registers it as champion. Then, in the same run, on 127.0.0
 - 64-image batches, sequential, the same base64 PNGs as JSON to `digitflow serve` and to
   `mlflow models serve` of the same registered champion: images/s, alternating for --rounds.
 Ratios: 16-client over 1-client throughput and 16-client p99 over 1-client p50, each the median
-of the repeats' ratios (a repeat's 1-client and 16-client loads run back to back: this
-machine's pace drifts from minute to minute), from every request's unrounded response time
-(locust's own percentiles, also kept, are whole milliseconds); and digitflow over MLflow for
+of the repeats' ratios (a repeat's loads run back to back: this machine's pace drifts from
+minute to minute), from every request's unrounded response time (locust's own percentiles, also
+kept, are whole milliseconds); 48-client over 1-client throughput (more than at 16 clients means
+16 clients left the cores some idle time); the 16-client ratio scaled to every core busy
+(cores / machine_busy_cores: the most that fuller use of the cores could give at the CPU time
+each request took under 16 clients, locust's own included); and digitflow over MLflow for
 64-image batches.
 """
 
@@ -44,7 +47,12 @@ QUICK = {
 }
 LOCUSTFILE = REPO / "bench" / "locustfile.py"
 BATCH = 64
-LOADS = {"1 client x1": (1, 1), "16 clients x1": (16, 1), "16 clients x16": (16, 16)}
+LOADS = {
+    "1 client x1": (1, 1),
+    "16 clients x1": (16, 1),
+    "48 clients x1": (48, 1),
+    "16 clients x16": (16, 16),
+}
 SERVERS = {  # `digitflow serve` options of each server measured
     "1_worker": ["--workers", "1"],
     "1_worker_in_thread": ["--workers", "1", "--no-model-process"],
@@ -336,13 +344,25 @@ def main() -> None:
     rates = batch_rates(work, pngs, args.rounds)
     medians = {name: median(values) for name, values in rates.items()}
     ratios = {}
+    cores = os.cpu_count() or 1
     for key, figures in loads.items():
         ones, manys = figures["1 client x1"]["runs"], figures["16 clients x1"]["runs"]
+        mosts = figures["48 clients x1"]["runs"]
         pairs = list(zip(ones, manys, strict=True))
         throughput = [many["requests_per_s"] / one["requests_per_s"] for one, many in pairs]
         latency = [many["p99_ms_exact"] / one["p50_ms_exact"] for one, many in pairs]
+        busiest = [
+            most["requests_per_s"] / one["requests_per_s"]
+            for one, most in zip(ones, mosts, strict=True)
+        ]
+        ceiling = [
+            ratio * cores / many["machine_busy_cores"]
+            for ratio, (_, many) in zip(throughput, pairs, strict=True)
+        ]
         ratios[f"{key}_16_over_1_client_throughput"] = round(median(throughput), 2)
         ratios[f"{key}_16_client_p99_over_1_client_p50"] = round(median(latency), 2)
+        ratios[f"{key}_48_over_1_client_throughput"] = round(median(busiest), 2)
+        ratios[f"{key}_16_over_1_client_throughput_all_cores_busy"] = round(median(ceiling), 2)
         ratios[f"{key}_16_over_1_client_throughput_each_repeat"] = [round(r, 2) for r in throughput]
         ratios[f"{key}_16_client_p99_over_1_client_p50_each_repeat"] = [
             round(r, 2) for r in latency
