@@ -1,8 +1,9 @@
 """`serve.max_connections` on a real uvicorn server: that many clients at once are served, the
-next is refused with 503."""
+next is refused with 503; and none of that many is refused when many answers go out at once."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import threading
 import time
@@ -25,11 +26,11 @@ async def answer_ok(scope, receive, send) -> None:
 
 
 @contextmanager
-def running(options: dict) -> Iterator[uvicorn.Server]:
-    """Uvicorn serving answer_ok with `options` on a free port, in a thread."""
+def running(options: dict, app=answer_ok) -> Iterator[uvicorn.Server]:
+    """Uvicorn serving `app` with `options` on a free port, in a thread."""
     port = free_port()
     config = uvicorn.Config(
-        answer_ok, host="127.0.0.1", port=port, lifespan="off", log_level="warning", **options
+        app, host="127.0.0.1", port=port, lifespan="off", log_level="warning", **options
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -85,3 +86,58 @@ def test_max_connections_clients_are_served_at_once_and_one_more_gets_503() -> N
                 connection.close()
     assert after == served
     assert one_more == (503, b"Service Unavailable")
+
+
+class AnsweredTogether:
+    """An ASGI app that holds the first `count` requests until all have come, answers them in
+    one turn of the event loop (as one model call answers many requests), the last of them then
+    keeping the loop busy for `busy_s` while their clients send again; later requests are
+    answered at once. The clients' next requests are read while the answered requests' tasks
+    are finished but not yet cleared from uvicorn's count."""
+
+    def __init__(self, count: int, busy_s: float = 0.5) -> None:
+        self.count, self.busy_s = count, busy_s
+        self.arrived = self.answered = 0
+        self.all_in = asyncio.Event()
+
+    async def __call__(self, scope, receive, send) -> None:
+        self.arrived += 1
+        if self.arrived <= self.count:
+            if self.arrived == self.count:
+                self.all_in.set()
+            await self.all_in.wait()
+        await answer_ok(scope, receive, send)
+        self.answered += 1
+        if self.answered == self.count:
+            time.sleep(self.busy_s)  # the loop busy, as with a burst of answers to write
+
+
+def test_max_connections_clients_are_served_when_their_answers_go_out_together() -> None:
+    limits = load_params(REPO / "params.yaml").serve.model_copy(
+        update={"max_connections": MAX_CONNECTIONS}
+    )
+    app = AnsweredTogether(MAX_CONNECTIONS)
+    statuses: list[int] = []
+
+    def client(port: int) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            for _ in range(2):
+                connection.request("GET", "/")
+                response = connection.getresponse()
+                response.read()
+                statuses.append(response.status)
+        finally:
+            connection.close()
+
+    with running(uvicorn_options(limits), app) as server:
+        clients = [
+            threading.Thread(target=client, args=(server.config.port,))
+            for _ in range(MAX_CONNECTIONS)
+        ]
+        for thread in clients:
+            thread.start()
+        for thread in clients:
+            thread.join(timeout=60)
+    assert statuses == [200] * (2 * MAX_CONNECTIONS)
+    assert app.arrived == 2 * MAX_CONNECTIONS

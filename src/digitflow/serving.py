@@ -742,8 +742,12 @@ def serve(
 def uvicorn_options(limits: ServeParams) -> dict:
     """Uvicorn's settings for serve's connection limits and access log. Uvicorn answers 503
     once the open connections reach `limit_concurrency`, the asking one counted: one more than
-    `serve.max_connections`, so that many clients are served at once."""
+    `serve.max_connections`, so that many clients are served at once (its request tasks counted
+    only until they finish: httpprotocol)."""
+    from .httpprotocol import IMPORT_PATH
+
     return {
+        "http": IMPORT_PATH,
         "limit_concurrency": limits.max_connections + 1,
         "timeout_keep_alive": limits.keep_alive_s,
         "access_log": limits.access_log,
@@ -759,6 +763,7 @@ def serve_workers(factory: str, limits: ServeParams, host: str, port: int, worke
     arguments = [
         sys.executable, "-m", "uvicorn", "--factory", factory,
         "--workers", str(workers), "--host", host, "--port", str(port),
+        "--http", options["http"],
         "--limit-concurrency", str(options["limit_concurrency"]),
         "--timeout-keep-alive", str(options["timeout_keep_alive"]),
         "--access-log" if options["access_log"] else "--no-access-log",
