@@ -347,13 +347,13 @@ def main() -> None:
     cores = os.cpu_count() or 1
     for key, figures in loads.items():
         ones, manys = figures["1 client x1"]["runs"], figures["16 clients x1"]["runs"]
-        mosts = figures["48 clients x1"]["runs"]
+        forty_eights = figures["48 clients x1"]["runs"]
         pairs = list(zip(ones, manys, strict=True))
         throughput = [many["requests_per_s"] / one["requests_per_s"] for one, many in pairs]
         latency = [many["p99_ms_exact"] / one["p50_ms_exact"] for one, many in pairs]
-        busiest = [
-            most["requests_per_s"] / one["requests_per_s"]
-            for one, most in zip(ones, mosts, strict=True)
+        throughput_48 = [
+            many_48["requests_per_s"] / one["requests_per_s"]
+            for one, many_48 in zip(ones, forty_eights, strict=True)
         ]
         ceiling = [
             ratio * cores / many["machine_busy_cores"]
@@ -361,7 +361,7 @@ def main() -> None:
         ]
         ratios[f"{key}_16_over_1_client_throughput"] = round(median(throughput), 2)
         ratios[f"{key}_16_client_p99_over_1_client_p50"] = round(median(latency), 2)
-        ratios[f"{key}_48_over_1_client_throughput"] = round(median(busiest), 2)
+        ratios[f"{key}_48_over_1_client_throughput"] = round(median(throughput_48), 2)
         ratios[f"{key}_16_over_1_client_throughput_all_cores_busy"] = round(median(ceiling), 2)
         ratios[f"{key}_16_over_1_client_throughput_each_repeat"] = [round(r, 2) for r in throughput]
         ratios[f"{key}_16_client_p99_over_1_client_p50_each_repeat"] = [
