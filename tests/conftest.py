@@ -231,10 +231,13 @@ def champion(tmp_path_factory: pytest.TempPathFactory, ingested: Paths) -> Paths
     return paths
 
 
-def load_champion_here(champion: Paths, max_pixels: int | None, processes: int = 1, **options):
+def load_champion_here(
+    champion: Paths, max_pixels: int | None, processes: int = 1, yields: bool = False, **options
+):
     """The champion project's version 1 loaded for serving in this process (serving.loaded),
     with `processes` model processes of its own when `max_pixels` (a request's pixel budget) is
-    given; `options` are loaded()'s split and runtime. The caller closes it."""
+    given, yielding to the event loop with `yields`; `options` are loaded()'s split and
+    runtime. The caller closes it."""
     from digitflow import tracking
     from digitflow.imaging import ink_settings
     from digitflow.modelprocess import OwnProcesses
@@ -243,8 +246,18 @@ def load_champion_here(champion: Paths, max_pixels: int | None, processes: int =
     params = load_params(champion.params)
     tracking.configure(champion, params)
     uri = f"models:/{params.mlflow.registered_model}/1"
-    own = None if max_pixels is None else OwnProcesses(processes, max_pixels)
+    own = None if max_pixels is None else OwnProcesses(processes, max_pixels, yields)
     return loaded(uri, "1", ink_settings(params.imaging), own, **options)
+
+
+def scheduling_policies(pid: int) -> set[int]:
+    """The Linux scheduling policies of every thread of process `pid` (os.SCHED_*)."""
+    return {os.sched_getscheduler(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
+needs_sched_batch = pytest.mark.skipif(
+    not hasattr(os, "SCHED_BATCH"), reason="Linux's SCHED_BATCH policy is not available here"
+)
 
 
 # ---------------------------------------------------------------- real servers for tests

@@ -25,7 +25,9 @@ from conftest import (
     draw_a_one,
     headless_chromium,
     make_project,
+    needs_sched_batch,
     run,
+    scheduling_policies,
     set_params,
 )
 from PIL import Image, ImageFilter
@@ -331,6 +333,20 @@ def test_a_writer_process_that_dies_is_replaced_and_its_rows_counted_as_failed(
         health = writer.health()
         assert health["written"] == 4 and health["failed"] == 0
         assert health["writer_pid"] not in (None, first)
+    finally:
+        writer.stop()
+
+
+@needs_sched_batch
+@pytest.mark.parametrize("yields", [True, False])
+def test_the_writer_process_yields_to_the_event_loop_when_asked(tmp_path: Path, yields) -> None:
+    writer = LogWriter(f"sqlite:///{tmp_path / 'log.db'}", 0.05, 100, 30, yields)
+    writer.start()
+    try:
+        _record(writer, 0)
+        assert writer.flush(30)
+        policy = os.SCHED_BATCH if yields else os.SCHED_OTHER
+        assert scheduling_policies(writer.health()["writer_pid"]) == {policy}
     finally:
         writer.stop()
 

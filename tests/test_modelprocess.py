@@ -11,7 +11,7 @@ from functools import partial
 
 import numpy as np
 import pytest
-from conftest import load_champion_here
+from conftest import load_champion_here, needs_sched_batch, scheduling_policies
 from fastapi import HTTPException
 
 from digitflow import tracking
@@ -167,6 +167,22 @@ def test_two_model_processes_take_two_calls_at_once(champion) -> None:
         assert second.status()["pid"] == pids[1]
     finally:
         served.close()
+
+
+@needs_sched_batch
+def test_model_processes_yield_to_the_event_loop_when_asked(champion, served) -> None:
+    """serve.yield_to_event_loop: the model process and every thread it started (TensorFlow's,
+    LiteRT's, the pipe's reader) run under SCHED_BATCH; without it, under the default policy."""
+    yielding = load_champion_here(champion, MAX_PIXELS, yields=True, runtime="litert")
+    try:
+        assert _in_process(yielding, [_digits(2)])[0].probabilities.shape == (2, 10)
+        [pid] = yielding.process.status()["pids"]
+        assert scheduling_policies(pid) == {os.SCHED_BATCH}
+        assert len(os.listdir(f"/proc/{pid}/task")) > 1  # threads started after the policy
+    finally:
+        yielding.close()
+    [default_pid] = served.process.status()["pids"]
+    assert scheduling_policies(default_pid) == {os.SCHED_OTHER}
 
 
 def _alive(pid: int) -> bool:

@@ -142,6 +142,7 @@ class ServeParams(_Strict):
     workers: int = Field(ge=1)
     model_process: bool
     model_processes: int = Field(ge=1)
+    yield_to_event_loop: bool
     model_threads: int = Field(ge=0)
     runtime: ServeRuntime
     split_images: int = Field(ge=0)

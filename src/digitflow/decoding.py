@@ -55,6 +55,24 @@ def received(conn: Connection, name: str) -> queue.SimpleQueue:
     return arrived
 
 
+def yield_to_the_server() -> None:
+    """In a spawned worker: Linux's SCHED_BATCH policy for each of its threads (some libraries
+    start theirs when imported) and for those they start later (which inherit it). The kernel
+    then lets a running task finish its turn when this worker wakes, instead of giving the
+    worker the core at once: on two cores, a model process woken by a call down its pipe no
+    longer takes the core from the server's event loop in the middle of a request
+    (serve.yield_to_event_loop). Nothing changes where the policy does not exist."""
+    if not hasattr(os, "SCHED_BATCH"):
+        return
+    try:
+        threads = [int(tid) for tid in os.listdir("/proc/self/task")]
+    except OSError:  # no /proc: this thread only
+        threads = [0]
+    for thread in threads:
+        with contextlib.suppress(OSError):  # a thread that has just ended
+            os.sched_setscheduler(thread, os.SCHED_BATCH, os.sched_param(0))
+
+
 def leave_ctrl_c_to_the_server() -> None:
     """In a spawned worker: ignore SIGINT. A terminal's Ctrl-C reaches the whole process group;
     the server, stopping, ends its workers itself (None down the pipe, or the pipe closing), and

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import predictionlog
-from .decoding import leave_ctrl_c_to_the_server
+from .decoding import leave_ctrl_c_to_the_server, yield_to_the_server
 from .gcpolicy import freeze_long_lived
 from .predictionlog import PURGE_EVERY_S, engine_for
 
@@ -136,10 +136,13 @@ def _purge(engine, retention_days: float) -> str:
         return _error_text(exc)
 
 
-def _write_log(conn: Connection, url: str, retention_days: float) -> None:
+def _write_log(conn: Connection, url: str, retention_days: float, yields: bool) -> None:
     """The writer process: write each buffer it is sent and answer with its Outcome; purge old
     images every PURGE_EVERY_S; stop at None or when the server's end of the pipe closes (not
-    at Ctrl-C: what is still queued when the server stops is written)."""
+    at Ctrl-C: what is still queued when the server stops is written). With `yields`, it
+    yields to the server's event loop (decoding.yield_to_the_server)."""
+    if yields:
+        yield_to_the_server()
     leave_ctrl_c_to_the_server()
     engine = engine_for(url)
     try:
@@ -169,12 +172,18 @@ def _write_log(conn: Connection, url: str, retention_days: float) -> None:
 
 
 class LogWriter:
-    """Hands answers to the writer process in batches; counts what could not be written."""
+    """Hands answers to the writer process in batches; counts what could not be written. With
+    `yields`, the writer process yields to the server's event loop (serve.yield_to_event_loop)."""
 
     def __init__(
-        self, url: str, flush_interval_s: float, queue_size: int, retention_days: float
+        self,
+        url: str,
+        flush_interval_s: float,
+        queue_size: int,
+        retention_days: float,
+        yields: bool = False,
     ) -> None:
-        self.url = url
+        self.url, self.yields = url, yields
         self.engine = engine_for(url)  # this process's own, for /feedback's corrections
         self.flush_interval_s = flush_interval_s
         self.queue_size = queue_size
@@ -210,7 +219,7 @@ class LogWriter:
         here, there = context.Pipe()
         process = context.Process(
             target=_write_log,
-            args=(there, self.url, self.retention_days),
+            args=(there, self.url, self.retention_days, self.yields),
             name="digitflow-log",
             daemon=True,
         )

@@ -33,7 +33,7 @@ from fastapi import HTTPException
 
 from . import inference
 from .batching import Answer, Pending, compute_batch
-from .decoding import leave_ctrl_c_to_the_server, received
+from .decoding import leave_ctrl_c_to_the_server, received, yield_to_the_server
 from .gcpolicy import freeze_long_lived
 from .imaging import (
     InkSettings,
@@ -134,7 +134,8 @@ def _picklable(answer: Answer | BaseException) -> Answer | BaseException:
 class ModelSpec:
     """What a model process loads and how it calls it: the model's URI and the MLflow stores
     it is in (tracking, registry), its preprocessing, a request's pixel budget, how large calls
-    are cut, and the runtime they run on (inference.serving_forward)."""
+    are cut, the runtime they run on (inference.serving_forward), and whether it yields to the
+    server's event loop (decoding.yield_to_the_server)."""
 
     uri: str
     ink: InkSettings
@@ -142,11 +143,14 @@ class ModelSpec:
     max_pixels: int
     split: inference.Split
     runtime: str
+    yields: bool = False
 
 
 def _serve_calls(conn: Connection, spec: ModelSpec) -> None:
     """The model process: load the model, say so, then answer calls until told to stop (None)
     or until the server's end of the pipe closes."""
+    if spec.yields:
+        yield_to_the_server()
     import mlflow
 
     leave_ctrl_c_to_the_server()
@@ -209,7 +213,8 @@ def _spawn(spec: ModelSpec) -> tuple[multiprocessing.process.BaseProcess, Connec
 class ModelProcess:
     """One model's calls, made in a process of its own on `runtime` (inference.serving_forward),
     in the order they are sent; a call can be sent while the one before is computing (the
-    batcher's `calls_in_flight`). The process starts loading the model at once; `wait_ready`
+    batcher's `calls_in_flight`). With `yields`, the process yields to the server's event loop
+    (decoding.yield_to_the_server). The process starts loading the model at once; `wait_ready`
     before the first call."""
 
     def __init__(
@@ -219,11 +224,12 @@ class ModelProcess:
         max_pixels: int,
         split: inference.Split = inference.NO_SPLIT,
         runtime: str = "tensorflow",
+        yields: bool = False,
     ) -> None:
         import mlflow
 
         store = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())  # the model's
-        self.spec = ModelSpec(uri, ink, store, max_pixels, split, runtime)
+        self.spec = ModelSpec(uri, ink, store, max_pixels, split, runtime, yields)
         self._process, self._conn = _start(self.spec)
         self._lock = threading.Lock()  # the pipe's state, shared with close() from other threads
         self._in_flight, self._closed = 0, False
@@ -382,10 +388,12 @@ class ModelProcess:
 @dataclasses.dataclass(frozen=True)
 class OwnProcesses:
     """Where a worker's model calls are made: `count` model processes, each checking a
-    request's pixel budget of `max_pixels` (serve.model_processes, serve.max_request_pixels)."""
+    request's pixel budget of `max_pixels`, yielding to the event loop when `yields`
+    (serve.model_processes, serve.max_request_pixels, serve.yield_to_event_loop)."""
 
     count: int
     max_pixels: int
+    yields: bool = False
 
 
 class ModelProcesses:
@@ -406,7 +414,9 @@ class ModelProcesses:
         self.members: list[ModelProcess] = []
         try:
             for _ in range(own.count):
-                self.members.append(ModelProcess(uri, ink, own.max_pixels, split, runtime))
+                self.members.append(
+                    ModelProcess(uri, ink, own.max_pixels, split, runtime, own.yields)
+                )
         except BaseException:
             self.close()
             raise

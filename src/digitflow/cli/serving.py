@@ -240,7 +240,9 @@ def _load_model(project, params: Params, model_uri: str | None):
     settings = params.serve
     ink = ink_settings(params.imaging)
     own = (
-        OwnProcesses(settings.model_processes, settings.max_request_pixels)
+        OwnProcesses(
+            settings.model_processes, settings.max_request_pixels, settings.yield_to_event_loop
+        )
         if settings.model_process
         else None
     )
@@ -301,7 +303,13 @@ def _prediction_log(project, params: Params, host: str, access, wanted: bool):
         console.print("prediction log: off; /feedback answers 503")
         return None
     url = project.prediction_db(params)
-    log = LogWriter(url, settings.flush_interval_s, settings.queue_size, settings.retention_days)
+    log = LogWriter(
+        url,
+        settings.flush_interval_s,
+        settings.queue_size,
+        settings.retention_days,
+        params.serve.yield_to_event_loop,
+    )
     console.print(f"prediction log: {log.health()['database']}")
     if access.token is None and not access.loopback:
         errors.print(
