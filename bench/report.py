@@ -137,6 +137,21 @@ class Goal:
         return value >= self.bound if self.at_least else value <= self.bound
 
 
+def scheduling_row(trace: dict) -> str:
+    """bench/scheduling.py's row: idle core time under concurrent clients, and how much of it
+    a task woken or preempted onto the other, busy core waited beside."""
+    medians = trace["medians"]
+    return (
+        f"| {trace['settings']['clients']} single-image clients on `digitflow serve`, scheduler "
+        "trace: core time idle; idle while a task waited for the other core; wakeups queued on a "
+        f"busy core while another was idle | {100 * medians['idle_share']:.1f}%; "
+        f"{100 * medians['idle_beside_waiting_share']:.1f}%; "
+        f"{100 * medians['wakeups_onto_busy_core_beside_idle_share']:.1f}% of wakeups, waiting "
+        f"{medians['their_mean_wait_ms']:.2f} ms on average ({medians['requests_per_s']:.0f} "
+        f"requests/s) | `python bench/scheduling.py` | `{trace['file']}` ({machine_of(trace)}) |"
+    )
+
+
 def _nested(*keys: str) -> Callable[[dict], float | None]:
     """Reads result[keys[0]][keys[1]]...; None where a level is missing."""
 
@@ -394,6 +409,8 @@ def table() -> str:
             f"{logging['prediction_log']['written']} rows written, {logging['prediction_log']['failed']} failed "
             f"| `python bench/prediction_log.py` | `{logging['file']}` ({machine_of(logging)}) |"
         )
+    for trace in newest_each_kind("scheduling"):
+        rows.append(scheduling_row(trace))
     for monitor in newest_each_kind("monitor"):
         scans, canvas = monitor["false_alarms"]["scan"], monitor["false_alarms"]["canvas"]
         turned = monitor["detection_rotated_90"]

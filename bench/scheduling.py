@@ -68,9 +68,11 @@ class Trace:
     woken: list[tuple[int, float]] = field(default_factory=list)  # (tid, when)
     onto_busy_beside_idle: list[tuple[int, float]] = field(default_factory=list)  # (tid, woken)
 
+    seen: set[int] = field(default_factory=set)  # the cores with an event in the trace
+
     @property
     def cores(self) -> list[int]:
-        return sorted(self.idle)
+        return sorted(self.seen)
 
     @property
     def seconds(self) -> float:
@@ -91,6 +93,7 @@ def read_trace(lines: list[str]) -> Trace:
         core, when, kind, detail = int(match[1]), float(match[2]), match[3], match[4]
         trace.first = trace.first or when
         trace.last = when
+        trace.seen.add(core)
         if kind != "sched_switch":  # a wakeup (perf sched records sched_waking)
             woken = WAKEUP.search(detail)
             if woken:
@@ -266,12 +269,12 @@ def traced_load(base: str, images: Path, work: Path, args: argparse.Namespace, s
 
     health = requests.get(f"{base}/health", timeout=10).json()
     lines: list[str] = []
-    locust_pid: list[int] = []
+    roles: dict[int, str] = {}
 
     def trace() -> None:
         time.sleep(TRACE_START_S)
-        mine = psutil.Process()
-        locust_pid.extend(p.pid for p in mine.children() if "locust" in " ".join(p.cmdline()))
+        clients = [p for p in psutil.Process().children() if "locust" in " ".join(p.cmdline())]
+        roles.update(roles_of(server.pid, health, clients[0].pid if clients else -1))
         with tempfile.TemporaryDirectory() as scratch:
             lines.extend(record(args.trace_seconds, Path(scratch) / "sched.data"))
 
@@ -279,7 +282,8 @@ def traced_load(base: str, images: Path, work: Path, args: argparse.Namespace, s
     tracer.start()
     load = locust(base, images, args.clients, 1, args.seconds, work / "load", server.pid)
     tracer.join()
-    roles = roles_of(server.pid, health, locust_pid[0] if locust_pid else -1)
+    if not lines:
+        raise SystemExit("the trace did not finish: see the error above")
     return {"load": load, "trace": figures_of(read_trace(lines), roles)}
 
 
@@ -320,8 +324,11 @@ def main() -> None:
                 key: median([trace[key] for trace in traces])
                 for key in ("idle_share", "idle_beside_waiting_share", "their_mean_wait_ms")
             },
-            "wakeups_onto_busy_core_beside_idle_share": median(
-                [t["wakeups_onto_busy_core_beside_idle"] / max(1, t["wakeups"]) for t in traces]
+            "wakeups_onto_busy_core_beside_idle_share": round(
+                median(
+                    [t["wakeups_onto_busy_core_beside_idle"] / max(1, t["wakeups"]) for t in traces]
+                ),
+                4,
             ),
         },
         "failures": sum(run["load"]["failures"] for run in repeats),
