@@ -140,9 +140,10 @@ class Goal:
 def scheduling_row(trace: dict) -> str:
     """bench/scheduling.py's row: idle core time under concurrent clients, and how much of it
     a task woken or preempted onto the other, busy core waited beside."""
-    medians = trace["medians"]
+    medians, settings = trace["medians"], trace["settings"]
+    served = " ".join(["digitflow serve", *settings.get("serve_options", [])])
     return (
-        f"| {trace['settings']['clients']} single-image clients on `digitflow serve`, scheduler "
+        f"| {settings['clients']} single-image clients on `{served}`, scheduler "
         "trace: core time idle; idle while a task waited for the other core; wakeups queued on a "
         f"busy core while another was idle | {100 * medians['idle_share']:.1f}%; "
         f"{100 * medians['idle_beside_waiting_share']:.1f}%; "

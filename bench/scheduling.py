@@ -1,6 +1,7 @@
 """Where `digitflow serve` leaves a core idle under concurrent clients: a scheduler trace.
 
 python bench/scheduling.py [--clients 16] [--seconds 12] [--trace-seconds 2] [--repeats 3]
+    [-- SERVE_OPTIONS]   # e.g. -- --no-model-process: options for `digitflow serve`
 
 Trains a quick champion in a fresh clone and starts `digitflow serve` (the defaults). While
 --clients locust clients (bench/locustfile.py) send one PNG per request, the kernel's scheduler
@@ -67,7 +68,6 @@ class Trace:
     run_s: dict[int, float] = field(default_factory=lambda: defaultdict(float))
     woken: list[tuple[int, float]] = field(default_factory=list)  # (tid, when)
     onto_busy_beside_idle: list[tuple[int, float]] = field(default_factory=list)  # (tid, woken)
-
     seen: set[int] = field(default_factory=set)  # the cores with an event in the trace
 
     @property
@@ -296,6 +296,9 @@ def main() -> None:
     parser.add_argument("--trace-seconds", type=float, default=2.0, help="seconds traced per load")
     parser.add_argument("--repeats", type=int, default=3, help="loads, each on a fresh server")
     parser.add_argument("--images", type=int, default=256, help="distinct test images sent")
+    parser.add_argument(
+        "serve_options", nargs="*", help="after --: options for `digitflow serve` (default none)"
+    )
     args = parser.parse_args()
     if args.seconds < TRACE_START_S + args.trace_seconds + 1:
         parser.error(f"--seconds must be at least --trace-seconds + {TRACE_START_S + 1:.0f}")
@@ -307,7 +310,8 @@ def main() -> None:
     for repeat in range(args.repeats):
         port = free_port()
         base = f"http://127.0.0.1:{port}"
-        server = serving.start(["digitflow", "serve", "--port", str(port)], work, f"{base}/health")
+        command = ["digitflow", "serve", "--port", str(port), *args.serve_options]
+        server = serving.start(command, work, f"{base}/health")
         try:
             locust(base, images, 4, 1, 3, work / "warm", server.pid)
             repeats.append(traced_load(base, images, work, args, server))
