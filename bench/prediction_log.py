@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
-from common import median, project_copy, timed, write_result
-from serving import QUICK, free_port, locust, start, stop
+from common import median, write_result
+from serving import free_port, load_images, locust, quick_champion, start, stop
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
@@ -51,23 +50,8 @@ def main() -> None:
 
     import requests
 
-    work = project_copy("prediction-log", QUICK)
-    env = {"PREFECT_HOME": str(work / ".prefect"), "MLFLOW_TRACKING_URI": ""}
-    timed(["digitflow", "run"], work, env)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-
-    from digitflow.config import load_params, paths
-    from digitflow.dataset import load_raw
-    from digitflow.imaging import encode_png
-
-    project = paths(work)
-    params = load_params(project.params)
-    digits = load_raw(project, params.data)["test"].images[: args.requests]
-    pngs = [encode_png(255 - digit) for digit in digits]
-    images = work / "load-images"
-    images.mkdir()
-    for index, data in enumerate(pngs):
-        (images / f"{index:04d}.png").write_bytes(data)
+    work = quick_champion("prediction-log")
+    pngs, images = load_images(work, args.requests)
 
     ports = {"log_on": free_port(), "log_off": free_port()}
     servers = {

@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import serving
-from common import median, project_copy, timed, write_result
-from serving import QUICK, free_port, locust, stop
+from common import median, write_result
+from serving import free_port, load_images, locust, quick_champion, stop
 
 TRACE_START_S = 4.0  # into each load: past locust's ramp-up
 EVENT = re.compile(
@@ -303,9 +303,8 @@ def main() -> None:
     if args.seconds < TRACE_START_S + args.trace_seconds + 1:
         parser.error(f"--seconds must be at least --trace-seconds + {TRACE_START_S + 1:.0f}")
 
-    work = project_copy("scheduling", QUICK)
-    timed(["digitflow", "run"], work, {"PREFECT_HOME": str(work / ".prefect")})
-    images = _test_images(work, args.images)
+    work = quick_champion("scheduling")
+    _, images = load_images(work, args.images)
     repeats = []
     for repeat in range(args.repeats):
         port = free_port()
@@ -340,21 +339,6 @@ def main() -> None:
     }
     write_result("scheduling", figures)
     print(json.dumps(figures["medians"], indent=2))
-
-
-def _test_images(work: Path, count: int) -> Path:
-    """`count` MNIST test digits as dark-on-light PNGs in work/load-images."""
-    from digitflow.config import load_params, paths
-    from digitflow.dataset import load_raw
-    from digitflow.imaging import encode_png
-
-    project = paths(work)
-    digits = load_raw(project, load_params(project.params).data)["test"].images[:count]
-    images = work / "load-images"
-    images.mkdir(exist_ok=True)
-    for index, digit in enumerate(digits):
-        (images / f"{index:04d}.png").write_bytes(encode_png(255 - digit))
-    return images
 
 
 if __name__ == "__main__":

@@ -306,6 +306,41 @@ def batch_rates(work: Path, pngs: list[bytes], rounds: int) -> dict[str, list[fl
     return rates
 
 
+def quick_champion(name: str) -> Path:
+    """A fresh clone under bench/.work/<name> with a briefly trained champion (QUICK), trained
+    on the clone's own stores: no Prefect server or MLflow tracking URI from the environment,
+    here or in the servers started afterwards."""
+    work = project_copy(name, QUICK)
+    isolated = {"PREFECT_HOME": str(work / ".prefect"), "PREFECT_API_URL": ""}
+    timed(["digitflow", "run"], work, {**isolated, "MLFLOW_TRACKING_URI": ""})
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    return work
+
+
+def load_images(work: Path, count: int) -> tuple[list[bytes], Path]:
+    """The first `count` MNIST test digits of the clone as PNGs, dark ink on white like a scan,
+    and the folder work/load-images holding them (for bench/locustfile.py)."""
+    from digitflow.config import load_params, paths
+    from digitflow.dataset import load_raw
+    from digitflow.imaging import encode_png
+
+    project = paths(work)
+    digits = load_raw(project, load_params(project.params).data)["test"].images[:count]
+    pngs = [encode_png(255 - digit) for digit in digits]
+    images = work / "load-images"
+    images.mkdir(exist_ok=True)
+    for index, data in enumerate(pngs):
+        (images / f"{index:04d}.png").write_bytes(data)
+    return pngs, images
+
+
+def serve_params(work: Path) -> dict:
+    """The clone's serve settings, as the result file records them."""
+    from digitflow.config import load_params, paths
+
+    return load_params(paths(work).params).serve.model_dump()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -318,24 +353,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of 64-image batches")
     args = parser.parse_args()
 
-    work = project_copy("serving", QUICK)
-    timed(
-        ["digitflow", "run"], work, {"PREFECT_HOME": str(work / ".prefect"), "PREFECT_API_URL": ""}
-    )
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    work = quick_champion("serving")
     os.chdir(work)
-
-    from digitflow.config import load_params, paths
-    from digitflow.dataset import load_raw
-    from digitflow.imaging import encode_png
-
-    project = paths(work)
-    digits = load_raw(project, load_params(project.params).data)["test"].images[: args.images]
-    pngs = [encode_png(255 - digit) for digit in digits]  # dark ink on white, like a scan
-    images = work / "load-images"
-    images.mkdir()
-    for index, data in enumerate(pngs):
-        (images / f"{index:04d}.png").write_bytes(data)
+    pngs, images = load_images(work, args.images)
 
     loads = {
         key: load_figures(work, images, options, args.seconds, args.repeats)
@@ -378,7 +398,7 @@ def main() -> None:
             "images": len(pngs),
             "batch": BATCH,
             "rounds": args.rounds,
-            "serve": load_params(project.params).serve.model_dump(),
+            "serve": serve_params(work),
         },
         "load": loads,
         "failed_requests": sum(f["failures"] for load in loads.values() for f in load.values()),
